@@ -1,9 +1,9 @@
 # Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
 """Defect synthesis on real photographs that ship inside scikit-image.
 
-No MVTec AD or VisA images are installed on the machines of this project, so the demo, the tests and
-the offline training run use real photographs from `skimage.data` (only the files bundled with the
-scikit-image wheel, never the ones that `pooch` would download) and paint defects on them:
+The demo, the tests and offline training need anomaly data that works without downloads. They use real
+photographs from `skimage.data` and paint defects on them. Only the files bundled in the scikit-image
+wheel are used, never the ones that `skimage.data` downloads through `pooch`.
 
 - a *category* is one photograph, or one region of it (`CATEGORY_SOURCES`); a sample is a square crop
   at a random position and scale, resized to the requested size;
@@ -63,7 +63,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CategorySource:
-    """Where the crops of one category come from.
+    """Source photograph, region and crop scales of one category.
 
     Attributes:
         photo: Name of the loader function in `skimage.data` (a bundled photograph).
@@ -80,8 +80,8 @@ class CategorySource:
     kind: str = "texture"
 
 
-# Only photographs bundled in the scikit-image wheel (0.22 to 0.26) are listed: `skimage.data`
-# fetches others (eagle, kidney, lily, skin, ...) with pooch, which needs network access.
+# Only photographs bundled in the scikit-image wheel are listed (checked with scikit-image 0.26).
+# `skimage.data` fetches the others (eagle, kidney, lily, skin, ...) with pooch, which needs network access.
 CATEGORY_SOURCES: dict[str, CategorySource] = {
     "brick": CategorySource("brick"),
     "gravel": CategorySource("gravel"),
@@ -216,31 +216,33 @@ def perlin_noise(shape: tuple[int, int], resolution: tuple[int, int], rng: np.ra
         rng: Source of the gradients.
 
     Returns:
-        Noise of shape `(H, W)`, float64, within about `[-0.71, 0.71]`, continuous and zero at the
-        lattice points.
+        Noise of shape `(H, W)`, float64 (computed in float32), within `[-0.71, 0.71]`, continuous and
+        zero at the lattice points.
     """
     height, width = shape
     cells_y, cells_x = max(1, int(resolution[0])), max(1, int(resolution[1]))
     angles = rng.uniform(0.0, 2.0 * np.pi, size=(cells_y + 1, cells_x + 1))
-    gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    gradient_x, gradient_y = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
     # Lattice coordinates of every pixel centre, split into cell index and offset inside the cell.
     y = (np.arange(height) + 0.5) * (cells_y / height)
     x = (np.arange(width) + 0.5) * (cells_x / width)
-    y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
-    dy, dx = (y - y0)[:, None], (x - x0)[None, :]
+    y0, x0 = np.floor(y).astype(np.intp), np.floor(x).astype(np.intp)
+    dy = (y - y0).astype(np.float32)[:, None]
+    dx = (x - x0).astype(np.float32)[None, :]
 
     def corner(offset_y: int, offset_x: int) -> np.ndarray:
-        gradient = gradients[(y0 + offset_y)[:, None], (x0 + offset_x)[None, :]]
-        return gradient[..., 0] * (dy - offset_y) + gradient[..., 1] * (dx - offset_x)
+        rows, cols = y0 + offset_y, x0 + offset_x
+        return gradient_y[rows][:, cols] * (dy - offset_y) + gradient_x[rows][:, cols] * (dx - offset_x)
 
     def fade(t: np.ndarray) -> np.ndarray:
         return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
 
     fade_y, fade_x = fade(dy), fade(dx)
-    top = corner(0, 0) + fade_x * (corner(0, 1) - corner(0, 0))
-    bottom = corner(1, 0) + fade_x * (corner(1, 1) - corner(1, 0))
-    return top + fade_y * (bottom - top)
+    corner_00, corner_01, corner_10, corner_11 = corner(0, 0), corner(0, 1), corner(1, 0), corner(1, 1)
+    top = corner_00 + fade_x * (corner_01 - corner_00)
+    bottom = corner_10 + fade_x * (corner_11 - corner_10)
+    return (top + fade_y * (bottom - top)).astype(np.float64)
 
 
 def _fractal_noise(shape: tuple[int, int], base_resolution: int, octaves: int, rng: np.random.Generator) -> np.ndarray:
@@ -266,14 +268,13 @@ def _blob_mask(shape: tuple[int, int], rng: np.random.Generator, min_fraction: f
     center_x = rng.uniform(min(margin, width / 2), max(width - margin, width / 2))
     angle = rng.uniform(0.0, np.pi)
 
-    rows = np.arange(height, dtype=np.float64)[:, None] - center_y
-    cols = np.arange(width, dtype=np.float64)[None, :] - center_x
-    cos, sin = np.cos(angle), np.sin(angle)
-    along = (rows * cos + cols * sin) / radius_y
-    across = (-rows * sin + cols * cos) / radius_x
-    distance = np.sqrt(along**2 + across**2)
+    rows = (np.arange(height) - center_y).astype(np.float32)[:, None]
+    cols = (np.arange(width) - center_x).astype(np.float32)[None, :]
+    cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    along = (rows * cos + cols * sin) * np.float32(1.0 / radius_y)
+    across = (cols * cos - rows * sin) * np.float32(1.0 / radius_x)
     rim = 1.0 + 0.35 * _fractal_noise((height, width), 4, 2, rng)
-    mask = distance < rim
+    mask = along * along + across * across < rim * rim
     if not mask.any():
         mask[int(np.clip(center_y, 0, height - 1)), int(np.clip(center_x, 0, width - 1))] = True
     return mask
@@ -284,7 +285,7 @@ def _finish(image: np.ndarray, blended: np.ndarray, region: np.ndarray) -> tuple
 
     Args:
         image: Original image `(H, W, 3)` uint8.
-        blended: Defective values `(H, W, 3)`, any float or int dtype; only pixels in `region` are used.
+        blended: Defective values `(H, W, 3)`, any float or int dtype. Only pixels in `region` are used.
         region: Painted pixels `(H, W)` bool.
 
     Returns:
@@ -305,7 +306,7 @@ def _finish(image: np.ndarray, blended: np.ndarray, region: np.ndarray) -> tuple
 
 
 def _soft_region(hard: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Blur a hard shape into blend weights; return `(alpha, region)` with `alpha == 0` outside `region`."""
+    """Blur a hard shape into blend weights `alpha` and return `(alpha, region)`, with `alpha == 0` outside `region`."""
     alpha = ndimage.gaussian_filter(hard.astype(np.float64), sigma) if sigma > 0 else hard.astype(np.float64)
     alpha = np.clip(alpha / max(alpha.max(), 1e-12), 0.0, 1.0)
     region = alpha >= _MIN_ALPHA
@@ -384,8 +385,8 @@ def _perlin(image: np.ndarray, rng: np.random.Generator, category: str | None) -
     size = max(height, width)
     region = np.zeros((height, width), dtype=bool)
 
-    # Threshold Perlin noise into blobs; a draw that covers too little or too much is redrawn, and the
-    # last resort keeps the top 3 % of the noise, so the region is never empty.
+    # Threshold Perlin noise into blobs. A draw that covers too little or too much is redrawn, and after
+    # eight draws the top 3 % of the noise is kept, so the region is never empty.
     for _ in range(8):
         cells = int(2 ** rng.integers(1, 4))
         noise = _fractal_noise((height, width), cells, 2, rng)
