@@ -80,6 +80,8 @@ class CMIClipAdapter(nn.Module):
         super().__init__()
         self.down = nn.Linear(dim, hidden_size)
         self.up = nn.Linear(hidden_size, dim)
+        # Read by `_init_weights`, which sees each Linear on its own.
+        self.up.zero_init = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.up(F.gelu(self.down(hidden_states)))
@@ -248,18 +250,19 @@ class CMIClipPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise the heads so that the untrained model equals training-free CLIP scoring."""
-        if isinstance(module, CMIClipAdapter):
-            nn.init.normal_(module.down.weight, std=module.down.in_features**-0.5)
-            nn.init.zeros_(module.down.bias)
-            nn.init.zeros_(module.up.weight)
-            nn.init.zeros_(module.up.bias)
+        # Modules are visited one by one, children first; a module without parameters of its own is
+        # skipped for remote code, so each rule below matches a module that owns the parameters it sets.
+        if isinstance(module, nn.Linear):
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
         elif isinstance(module, CMIClipCrossViewAttention):
-            for projection in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                nn.init.xavier_uniform_(projection.weight)
-                nn.init.zeros_(projection.bias)
-            for norm in (module.norm_query, module.norm_key):
-                nn.init.ones_(norm.weight)
-                nn.init.zeros_(norm.bias)
             nn.init.zeros_(module.gate)
         elif isinstance(module, CMIClipModel) and module.fusion_logit is not None:
             weight = min(max(self.config.fusion_weight, 1e-4), 1 - 1e-4)
