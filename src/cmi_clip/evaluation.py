@@ -1,0 +1,255 @@
+# Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
+"""Evaluation of a CMI-CLIP model on an anomaly-detection data set, per category.
+
+[`evaluate_model`] scores every image of a data set (a `datasets.Dataset` with the columns image, mask,
+label and category, or any indexable sequence of such dicts), computes the image- and pixel-level
+metrics of each category with `cmi_clip.metrics.compute_metrics`, and returns them with one record per
+image. It runs on one process or, given an `accelerate.Accelerator`, on several: each process scores a
+shard and `gather_for_metrics` collects the results on every process.
+
+The `cmi-clip evaluate` subcommand wraps it and writes the metric table as Markdown and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import precision_recall_curve
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .pipeline_anomaly_detection import load_image
+from .processing_cmi_clip import image_size_of, preprocess_images, preprocess_masks, to_rgb
+
+logger = logging.getLogger(__name__)
+
+
+def optimal_f1_threshold(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> tuple[float, float]:
+    """Find the score threshold that maximises the F1 score of the anomalous class.
+
+    Args:
+        scores: Image anomaly scores (N,).
+        labels: Image labels (N,), 1 for anomalous.
+
+    Returns:
+        `(threshold, f1)`: images with `score >= threshold` are anomalous at the best F1. With no
+        anomalous image, the threshold is just above the maximum score and F1 is 0.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(int)
+    if labels.sum() == 0:
+        return float(np.nextafter(scores.max(initial=0.0), np.inf)), 0.0
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # The last precision/recall pair has no threshold (recall 0), so it is left out.
+    precision, recall = precision[:-1], recall[:-1]
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])
+
+
+def _column(dataset: Any, name: str) -> list[Any]:
+    """Read one column of a `datasets.Dataset`, or the field of every item of another sequence."""
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is not None:
+        return list(dataset[name]) if name in column_names else [None] * len(dataset)
+    # NOTE: other sequences are read item by item, which decodes (or synthesizes) every image once more.
+    return [dataset[index].get(name) for index in range(len(dataset))]
+
+
+class _EvaluationCollator:
+    """Turn data-set items into model inputs: pixel values, masks at the metric size, labels and indices."""
+
+    def __init__(self, image_processor: Any, metric_size: tuple[int, int]) -> None:
+        self.image_processor = image_processor
+        self.metric_size = metric_size
+
+    def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        images, masks, labels, indices = [], [], [], []
+        for index, item in items:
+            image = to_rgb(load_image(item["image"]))
+            images.append(image)
+            mask = item.get("mask")
+            if mask is None:
+                mask = np.zeros((image.height, image.width), dtype=np.uint8)
+            elif isinstance(mask, (str, Path)):
+                mask = load_image(mask)
+            masks.append(mask)
+            labels.append(int(item["label"]))
+            indices.append(index)
+        return {
+            "pixel_values": preprocess_images(images, self.image_processor),
+            "masks": preprocess_masks(masks, self.metric_size),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "indices": torch.tensor(indices, dtype=torch.long),
+        }
+
+
+class _IndexedSubset(Dataset):
+    """The items of a data set at `indices`, each paired with its index in the full data set."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, Any]:
+        index = self.indices[position]
+        return index, self.dataset[index]
+
+
+def evaluate_model(
+    model: Any,
+    dataset: Any,
+    batch_size: int = 8,
+    categories: Sequence[str] | None = None,
+    accelerator: Any = None,
+    pixel_metric_size: int | tuple[int, int] | None = None,
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Score a data set with a CMI-CLIP model and compute the metrics of each category.
+
+    Args:
+        model: A `CMIClipModel` with its `image_processor` and tokenizer attached.
+        dataset: A `datasets.Dataset` with columns image, mask (None for normal images), label (1 for
+            anomalous) and category, optionally image_path; or an indexable sequence of such dicts
+            (images and masks as PIL images, numpy arrays or paths).
+        batch_size: Images per forward pass (per process).
+        categories: Categories to evaluate; defaults to all in the data set, in order of appearance.
+        accelerator: Optional `accelerate.Accelerator`. Each process then scores a shard and the results
+            are gathered with `gather_for_metrics`, so every process returns the full results.
+        pixel_metric_size: (height, width), or one int for a square, at which maps and masks are compared
+            for the pixel metrics. Defaults to the model's input size. Smaller sizes use less memory.
+        num_workers: DataLoader worker processes for image decoding.
+        show_progress: Whether to show a tqdm bar per category (on the main process only).
+
+    Returns:
+        `(per_category_metrics, records)`. `per_category_metrics[category]` holds the metrics of
+        `cmi_clip.metrics.compute_metrics` (image_auroc, image_ap, image_f1_max, pixel_auroc, pixel_ap,
+        pixel_f1_max, pixel_aupro) plus `image_f1_threshold`, the image-score threshold at the best F1,
+        and `num_images`/`num_anomalous`. `records` has one dict per scored image, in data-set order, with
+        index, category, label, score and image_path (None where the data set has none).
+        Use [`calibrate_threshold`] on the records for one threshold over all categories.
+    """
+    from .metrics import compute_metrics
+
+    if batch_size < 1:
+        msg = f"batch_size={batch_size} is invalid; pass a positive number of images per forward pass."
+        raise ValueError(msg)
+    if isinstance(pixel_metric_size, int):
+        pixel_metric_size = (pixel_metric_size, pixel_metric_size)
+    metric_size = tuple(pixel_metric_size) if pixel_metric_size is not None else image_size_of(model.image_processor)
+
+    all_categories = [str(category) for category in _column(dataset, "category")]
+    image_paths = _column(dataset, "image_path")
+    wanted = list(dict.fromkeys(all_categories)) if categories is None else list(categories)
+    missing = [category for category in wanted if category not in all_categories]
+    if missing:
+        msg = f"Categories {missing} are not in the data set. Choose from {sorted(set(all_categories))}."
+        raise ValueError(msg)
+
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    is_main = accelerator is None or accelerator.is_main_process
+    was_training = model.training
+    model.eval()
+    collator = _EvaluationCollator(model.image_processor, metric_size)
+
+    per_category: dict[str, dict[str, float]] = {}
+    records: list[dict[str, Any]] = []
+    try:
+        for category in wanted:
+            indices = [index for index, name in enumerate(all_categories) if name == category]
+            loader = DataLoader(
+                _IndexedSubset(dataset, indices),
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=num_workers,
+                collate_fn=collator,
+            )
+            if accelerator is not None:
+                loader = accelerator.prepare_data_loader(loader, device_placement=True)
+            scores, labels, maps, masks, order = _score_category(
+                model, loader, category, device, metric_size, accelerator, show_progress and is_main
+            )
+            metrics = dict(compute_metrics(scores, labels, maps, masks))
+            threshold, _ = optimal_f1_threshold(scores, labels)
+            metrics["image_f1_threshold"] = threshold
+            metrics["num_images"] = int(len(scores))
+            metrics["num_anomalous"] = int(labels.sum())
+            per_category[category] = metrics
+            for index, label, score in zip(order.tolist(), labels.tolist(), scores.tolist()):
+                path = image_paths[index]
+                records.append(
+                    {"index": index, "category": category, "label": int(label), "score": float(score), "image_path": path}
+                )
+            logger.info("Evaluated %s: %d images, %s", category, len(scores), _short_summary(metrics))
+    finally:
+        model.train(was_training)
+    records.sort(key=lambda record: record["index"])
+    return per_category, records
+
+
+def _score_category(
+    model: Any,
+    loader: DataLoader,
+    category: str,
+    device: torch.device,
+    metric_size: tuple[int, int],
+    accelerator: Any,
+    show_progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the model over one category's loader; return scores, labels, maps, masks and data-set indices."""
+    scores, labels, maps, masks, indices = [], [], [], [], []
+    for batch in tqdm(loader, desc=f"evaluate {category}", disable=not show_progress, leave=False):
+        pixel_values = batch["pixel_values"].to(device)
+        with torch.no_grad():
+            outputs = model(pixel_values=pixel_values, categories=[category] * pixel_values.shape[0])
+        anomaly_map = outputs.anomaly_map.float()
+        if tuple(anomaly_map.shape[-2:]) != tuple(metric_size):
+            anomaly_map = F.interpolate(anomaly_map[:, None], size=metric_size, mode="bilinear", align_corners=False)[:, 0]
+        batch_scores = outputs.image_scores.float()
+        gathered = (
+            batch_scores,
+            batch["labels"].to(device),
+            anomaly_map,
+            batch["masks"].to(device=device, dtype=torch.uint8),
+            batch["indices"].to(device),
+        )
+        if accelerator is not None:
+            gathered = accelerator.gather_for_metrics(gathered)
+        for store, tensor in zip((scores, labels, maps, masks, indices), gathered):
+            store.append(tensor.cpu())
+    return (
+        torch.cat(scores).numpy(),
+        torch.cat(labels).numpy(),
+        torch.cat(maps).numpy(),
+        torch.cat(masks).numpy(),
+        torch.cat(indices).numpy(),
+    )
+
+
+def _short_summary(metrics: dict[str, float]) -> str:
+    keys = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    return ", ".join(f"{key}={metrics[key]:.4f}" for key in keys if isinstance(metrics.get(key), float))
+
+
+def calibrate_threshold(records: Sequence[dict[str, Any]]) -> float:
+    """Return the image-score threshold with the best F1 over all records (for `config.decision_threshold`)."""
+    scores = [record["score"] for record in records]
+    labels = [record["label"] for record in records]
+    threshold, _ = optimal_f1_threshold(scores, labels)
+    return threshold
+
+
+__all__ = ["calibrate_threshold", "evaluate_model", "optimal_f1_threshold"]
