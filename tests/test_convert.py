@@ -227,8 +227,8 @@ def test_open_clip_folder_with_config(open_clip_style_model, tmp_path):
 
     assert clip_model.config.vision_config.num_attention_heads == 4
     assert processor.size == {"height": 48, "width": 48}
-    assert processor.image_mean == mean
-    assert processor.image_std == std
+    assert list(processor.image_mean) == mean
+    assert list(processor.image_std) == std
     _assert_parity(open_clip_style_model, clip_model)
 
 
@@ -300,7 +300,10 @@ def _meta_state_dict_of(model_name):
     """Return meta tensors with the shapes of a shipped OpenCLIP architecture, without allocating weights."""
     with torch.device("meta"):
         model = open_clip.create_model(model_name, pretrained=None, device="meta")
-    return model.state_dict()
+    state_dict = dict(model.state_dict())
+    # The logit scale is a value, not a shape, and a meta tensor has no value.
+    del state_dict["logit_scale"]
+    return state_dict
 
 
 def test_vit_b16_shapes_are_ambiguous():
@@ -409,3 +412,21 @@ def test_cli_parser_options():
     assert args.source_format == "open_clip"
     assert args.image_size is None
     assert callable(args.func)
+
+
+def test_cmi_clip_loads_converted_folder(openai_style_model, tmp_path):
+    from cmi_clip.modeling_cmi_clip import CMIClipModel
+
+    source = tmp_path / "openai_style.pt"
+    torch.save(_openai_state_dict(openai_style_model), source)
+    output_dir = convert_clip_checkpoint(source, tmp_path / "converted")
+    prompts = {"categories": {"my_part": {"abnormality": "a photo of a scratched part", "normality": "a photo of a clean part"}}}
+
+    model = CMIClipModel.from_clip_pretrained(output_dir, prompts=prompts).eval()
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.randn(1, 3, 32, 32), categories=["my_part"])
+
+    torch.testing.assert_close(model.clip.visual_projection.weight, openai_style_model.visual.proj.t())
+    assert model.config.clip_config.vision_config.hidden_act == "quick_gelu"
+    assert tuple(outputs.anomaly_map.shape) == (1, 32, 32)
+    assert tuple(outputs.image_scores.shape) == (1,)
