@@ -420,7 +420,7 @@ def test_cmi_clip_loads_converted_folder(openai_style_model, tmp_path):
     source = tmp_path / "openai_style.pt"
     torch.save(_openai_state_dict(openai_style_model), source)
     output_dir = convert_clip_checkpoint(source, tmp_path / "converted")
-    prompts = {"categories": {"my_part": {"abnormality": "a photo of a scratched part", "normality": "a photo of a clean part"}}}
+    prompts = {"my_part": {"abnormality": "a photo of a scratched part", "normality": "a photo of a clean part"}}
 
     model = CMIClipModel.from_clip_pretrained(output_dir, prompts=prompts).eval()
     with torch.no_grad():
@@ -428,5 +428,6 @@ def test_cmi_clip_loads_converted_folder(openai_style_model, tmp_path):
 
     torch.testing.assert_close(model.clip.visual_projection.weight, openai_style_model.visual.proj.t())
     assert model.config.clip_config.vision_config.hidden_act == "quick_gelu"
+    assert model.prompt_bank.prompts_for("my_part").from_bank
     assert tuple(outputs.anomaly_map.shape) == (1, 32, 32)
     assert tuple(outputs.image_scores.shape) == (1,)
