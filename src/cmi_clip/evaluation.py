@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def evaluate_model(
     pixel_metric_size: int | tuple[int, int] | None = None,
     num_workers: int = 0,
     show_progress: bool = True,
+    fpr_limit: float = 0.3,
 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Score a data set with a CMI-CLIP model and compute the metrics of each category.
 
@@ -133,6 +135,7 @@ def evaluate_model(
             for the pixel metrics. Defaults to the model's input size. Smaller sizes use less memory.
         num_workers: DataLoader worker processes for image decoding.
         show_progress: Whether to show a tqdm bar per category (on the main process only).
+        fpr_limit: Upper false-positive-rate bound of AUPRO.
 
     Returns:
         `(per_category_metrics, records)`. `per_category_metrics[category]` holds the metrics of
@@ -182,7 +185,7 @@ def evaluate_model(
             scores, labels, maps, masks, order = _score_category(
                 model, loader, category, device, metric_size, accelerator, show_progress and is_main
             )
-            metrics = dict(compute_metrics(scores, labels, maps, masks))
+            metrics = dict(compute_metrics(scores, labels, maps, masks, fpr_limit=fpr_limit, category=category))
             threshold, _ = optimal_f1_threshold(scores, labels)
             metrics["image_f1_threshold"] = threshold
             metrics["num_images"] = int(len(scores))
@@ -252,4 +255,117 @@ def calibrate_threshold(records: Sequence[dict[str, Any]]) -> float:
     return threshold
 
 
-__all__ = ["calibrate_threshold", "evaluate_model", "optimal_f1_threshold"]
+def add_mean_row(per_category: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Return the metrics with a "mean" row: each metric averaged over the categories where it is defined.
+
+    The row also holds `num_categories` (metric -> number of categories its mean covers) and
+    `total_categories`, which `cmi_clip.metrics.format_metrics_table` reports.
+    """
+    from .metrics import METRIC_NAMES
+
+    if "mean" in per_category:
+        msg = "A category named 'mean' collides with the mean row; rename that category."
+        raise ValueError(msg)
+    mean: dict[str, Any] = {}
+    covered: dict[str, int] = {}
+    for name in METRIC_NAMES:
+        values = [float(row[name]) for row in per_category.values() if name in row and not math.isnan(float(row[name]))]
+        covered[name] = len(values)
+        mean[name] = float(np.mean(values)) if values else math.nan
+    mean["num_categories"] = covered
+    mean["total_categories"] = len(per_category)
+    return {**per_category, "mean": mean}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model on a data set and write the metric table; return the exit code."""
+    from .data import load_dataset_auto
+    from .metrics import format_metrics_table
+    from .pipeline_anomaly_detection import load_detector
+
+    data_format = None if args.data_format == "auto" else args.data_format
+    dataset = load_dataset_auto(args.data, data_format=data_format, categories=args.categories or None, split=args.split)
+    if len(dataset) == 0:
+        logger.error("No images were found in %s (format %s, split %s).", args.data, args.data_format, args.split)
+        return 1
+    model = load_detector(args.model)
+    if args.device is not None:
+        model.to(args.device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    per_category, records = evaluate_model(
+        model, dataset, batch_size=args.batch_size, pixel_metric_size=args.pixel_size, num_workers=args.num_workers
+    )
+    table_rows = add_mean_row(per_category)
+    table = format_metrics_table(table_rows)
+    threshold = calibrate_threshold(records)
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.md").write_text(table + "\n", encoding="utf-8")
+    summary = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "split": args.split,
+        "num_images": len(records),
+        "optimal_f1_threshold": threshold,
+        "metrics": table_rows,
+    }
+    # NaN (undefined metrics) is written as null to keep the file valid JSON.
+    (output / "metrics.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n", encoding="utf-8")
+    with open(output / "scores.jsonl", "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    print(table)
+    print(f"\nImage-score threshold with the best F1 over all {len(records)} images: {threshold:.4f}")
+    print(f"Wrote {output / 'metrics.md'}, {output / 'metrics.json'} and {output / 'scores.jsonl'}.")
+    return 0
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `evaluate` subcommand."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Score a data set and print the per-category metric table.",
+        description=(
+            "Score every image of a data set with a CMI-CLIP model (or a plain CLIP checkpoint, run training-free) and "
+            "report image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO per category and their mean. Writes "
+            "metrics.md (the table, in percent), metrics.json (fractions in [0, 1], plus the image-score threshold "
+            "with the best F1) and scores.jsonl (one line per image) to OUTPUT."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="Saved CMI-CLIP model or CLIP checkpoint: a folder or a Hub id.")
+    parser.add_argument("--data", required=True, help="Root folder of the data set.")
+    parser.add_argument(
+        "--data-format",
+        choices=["auto", "mvtec", "visa", "folder"],
+        default="auto",
+        help="Layout of the data set: MVTec AD, VisA, or a generic folder tree. Default: auto (detected from the layout).",
+    )
+    parser.add_argument("--categories", nargs="+", default=None, metavar="NAME", help="Categories to evaluate. Default: all.")
+    parser.add_argument("--split", default="test", help="Data-set split to score. Default: test.")
+    parser.add_argument("--output", default="evaluation", help="Output folder for metrics.md, metrics.json and scores.jsonl. Default: evaluation.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per model forward pass. Default: 8.")
+    parser.add_argument(
+        "--pixel-size",
+        type=int,
+        default=None,
+        help="Side in pixels of the square at which maps and masks are compared for the pixel metrics. Default: the model's input size.",
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for image decoding. Default: 0.")
+    parser.add_argument("--device", default=None, help="Torch device, such as 'cpu' or 'cuda:0'. Default: the first GPU if any, else the CPU.")
+    parser.set_defaults(func=run_evaluate)
+    return parser
+
+
+__all__ = ["add_mean_row", "add_parser", "calibrate_threshold", "evaluate_model", "optimal_f1_threshold", "run_evaluate"]

@@ -38,6 +38,8 @@ TASK = "anomaly-detection"
 DEFAULT_CATEGORY = "object"
 # The `custom_pipelines` entry that saved configs carry, so that transformers finds this class in the
 # copied file when the task is not registered in the running interpreter.
+# Per-layer CMI maps (B, rows, columns) returned with `return_attentions=True`.
+ATTENTION_KEYS = ("abnormality_attention", "normality_attention", "abnormality_cue", "normality_cue")
 CUSTOM_PIPELINE_ENTRY = {
     "impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline",
     "pt": ["AutoModel"],
@@ -192,6 +194,9 @@ class AnomalyDetectionPipeline(Pipeline):
         mask_threshold (`float`, *optional*): Pixel threshold for `mask` only. Defaults to `threshold`.
         return_branch_maps (`bool`, *optional*, defaults to `False`): Also return the abnormality and
             normality branch maps.
+        return_attentions (`bool`, *optional*, defaults to `False`): Also return `attentions`, one dict
+            per CMI layer with `layer` and the patch-grid arrays (rows, columns) `abnormality_attention`,
+            `normality_attention`, `abnormality_cue` and `normality_cue`.
         batch_size (`int`, *optional*): Images per model forward for list inputs.
         timeout (`float`, *optional*): Seconds to wait when downloading an image from a URL.
 
@@ -244,13 +249,18 @@ class AnomalyDetectionPipeline(Pipeline):
         threshold: float | None = None,
         mask_threshold: float | None = None,
         return_branch_maps: bool | None = None,
+        return_attentions: bool | None = None,
         timeout: float | None = None,
         **kwargs: Any,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         if kwargs:
-            msg = f"Unknown arguments {sorted(kwargs)}. Use category, threshold, mask_threshold, return_branch_maps, batch_size or timeout."
+            msg = (
+                f"Unknown arguments {sorted(kwargs)}. Use category, threshold, mask_threshold, return_branch_maps, "
+                "return_attentions, batch_size or timeout."
+            )
             raise TypeError(msg)
         preprocess_params: dict[str, Any] = {}
+        forward_params: dict[str, Any] = {}
         postprocess_params: dict[str, Any] = {}
         if category is not None:
             preprocess_params["category"] = category
@@ -265,7 +275,9 @@ class AnomalyDetectionPipeline(Pipeline):
                 postprocess_params[name] = value
         if return_branch_maps is not None:
             postprocess_params["return_branch_maps"] = bool(return_branch_maps)
-        return preprocess_params, {}, postprocess_params
+        if return_attentions is not None:
+            forward_params["output_attentions"] = bool(return_attentions)
+        return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, inputs: Any, category: str | None = None, timeout: float | None = None) -> dict[str, Any]:
         """Load one image and build its model inputs.
@@ -285,16 +297,27 @@ class AnomalyDetectionPipeline(Pipeline):
             "original_size": torch.tensor([[height, width]]),
         }
 
-    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+    def _forward(self, model_inputs: dict[str, Any], output_attentions: bool = False) -> dict[str, Any]:
         categories = model_inputs["category"]
-        outputs = self.model(pixel_values=model_inputs["pixel_values"], categories=categories)
-        return {
+        outputs = self.model(
+            pixel_values=model_inputs["pixel_values"], categories=categories, output_attentions=output_attentions
+        )
+        model_outputs = {
             "image_scores": outputs.image_scores,
             "anomaly_map": outputs.anomaly_map,
             "abnormality_map": outputs.abnormality_map,
             "normality_map": outputs.normality_map,
             "original_size": model_inputs["original_size"],
         }
+        if output_attentions and outputs.attentions:
+            # The base class splits batched outputs along the first axis of each tensor, so the per-layer
+            # maps are stacked as (B, layers, rows, columns) under flat keys.
+            batch = outputs.anomaly_map.shape[0]
+            layers = [entry["layer"] for entry in outputs.attentions]
+            model_outputs["attention_layers"] = torch.tensor(layers).expand(batch, -1)
+            for key in ATTENTION_KEYS:
+                model_outputs[key] = torch.stack([entry[key] for entry in outputs.attentions], dim=1)
+        return model_outputs
 
     def postprocess(
         self,
@@ -319,6 +342,18 @@ class AnomalyDetectionPipeline(Pipeline):
         if return_branch_maps:
             for name in ("abnormality_map", "normality_map"):
                 result[name] = Image.fromarray(self._resize_map(model_outputs[name], height, width))
+        if "attention_layers" in model_outputs:
+            layers = model_outputs["attention_layers"].reshape(-1).tolist()
+            maps = {}
+            for key in ATTENTION_KEYS:
+                values = model_outputs[key]
+                maps[key] = values.reshape(len(layers), *values.shape[-2:]).float().numpy()
+            result["attentions"] = []
+            for position, layer in enumerate(layers):
+                entry = {"layer": int(layer)}
+                for key in ATTENTION_KEYS:
+                    entry[key] = maps[key][position]
+                result["attentions"].append(entry)
         return result
 
     @staticmethod
@@ -328,6 +363,40 @@ class AnomalyDetectionPipeline(Pipeline):
         if tuple(values.shape[-2:]) != (height, width):
             values = F.interpolate(values, size=(height, width), mode="bilinear", align_corners=False)
         return values[0, 0].clamp(0.0, 1.0).numpy().astype(np.float32)
+
+
+def save_pipeline_files(save_directory: str | os.PathLike) -> list[str]:
+    """Make a saved CMI-CLIP folder usable with `pipeline(model=folder, trust_remote_code=True)`.
+
+    Copies this file and the model files it imports into the folder and declares the pipeline in the
+    folder's `config.json` under `custom_pipelines`. The folder must already hold a saved model
+    (`model.save_pretrained(save_directory)`). The declaration is written to the file only, so the
+    in-memory config of the model is unchanged.
+
+    Returns:
+        The paths of the copied code files.
+
+    Raises:
+        FileNotFoundError: The folder has no `config.json`.
+    """
+    import json
+
+    from transformers.dynamic_module_utils import custom_object_save
+
+    config_path = os.path.join(os.fspath(save_directory), "config.json")
+    if not os.path.isfile(config_path):
+        msg = f"{config_path} was not found. Save the model first with model.save_pretrained({os.fspath(save_directory)!r})."
+        raise FileNotFoundError(msg)
+    copied = [os.fspath(path) for path in custom_object_save(AnomalyDetectionPipeline, save_directory)]
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if "auto_map" not in config:
+        logger.warning("%s has no auto_map, so the model itself will not load with trust_remote_code.", config_path)
+    config["custom_pipelines"] = {TASK: dict(CUSTOM_PIPELINE_ENTRY)}
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return copied
 
 
 def register_pipeline() -> None:
@@ -349,5 +418,6 @@ __all__ = [
     "load_detector",
     "load_image",
     "register_pipeline",
+    "save_pipeline_files",
     "wrap_clip_model",
 ]
