@@ -210,6 +210,33 @@ def test_wrong_head_count_breaks_parity(open_clip_style_model, tmp_path):
     assert differences["text"] > 100 * TOLERANCE
 
 
+def test_float16_weights_become_float32(openai_style_model):
+    # OpenAI's TorchScript archives store float16 weights.
+    state_dict = {key: value.half() for key, value in openai_style_model.state_dict().items()}
+
+    clip_model = clip_model_from_state_dict(state_dict, "openai")
+    patch_weight = clip_model.vision_model.embeddings.patch_embedding.weight
+
+    assert patch_weight.dtype == torch.float32
+    torch.testing.assert_close(patch_weight, state_dict["visual.conv1.weight"].float(), rtol=0, atol=0)
+
+
+def test_custom_text_clip_keys(open_clip_style_model, config_dir):
+    # OpenCLIP's CustomTextCLIP keeps the text tower under "text.", beside "visual." and "logit_scale".
+    text_keys = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+    state_dict = {
+        (f"text.{key}" if key.startswith(text_keys) else key): value
+        for key, value in open_clip_style_model.state_dict().items()
+    }
+
+    clip_model = clip_model_from_state_dict(
+        state_dict, "open_clip", model_name=config_dir / "cmi-test-open-clip-style.json"
+    )
+
+    assert "text.token_embedding.weight" in state_dict
+    _assert_parity(open_clip_style_model, clip_model)
+
+
 def test_open_clip_folder_with_config(open_clip_style_model, tmp_path):
     from safetensors.torch import save_file
 

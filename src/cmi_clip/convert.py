@@ -28,7 +28,7 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import CLIPConfig, CLIPModel
@@ -334,8 +334,24 @@ def _architecture_settings(model_config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class ShapeSummary(NamedTuple):
+    """Architecture sizes that a ViT CLIP state dict shows in its tensor shapes."""
+
+    embed_dim: int
+    vision_width: int
+    vision_layers: int
+    patch_size: int
+    image_size: int
+    vision_mlp_size: int
+    text_width: int
+    text_layers: int
+    context_length: int
+    vocab_size: int
+    text_mlp_size: int
+
+
 def _shape_signature(model_config: Mapping[str, Any]) -> tuple | None:
-    """Return the tensor-shape summary that an OpenCLIP config produces, or None for non-ViT configs."""
+    """Return the sizes that an OpenCLIP config produces, in `ShapeSummary` order, or None for non-ViT configs."""
     vision_cfg = model_config.get("vision_cfg", {})
     text_cfg = model_config.get("text_cfg", {})
     if vision_cfg.get("timm_model_name") or text_cfg.get("hf_model_name"):
@@ -361,29 +377,14 @@ def _shape_signature(model_config: Mapping[str, Any]) -> tuple | None:
     )
 
 
-_SIGNATURE_FIELDS = (
-    "embed_dim",
-    "vision width",
-    "vision layers",
-    "patch size",
-    "image size",
-    "vision MLP size",
-    "text width",
-    "text layers",
-    "context length",
-    "vocabulary size",
-    "text MLP size",
-)
-
-
-def _check_signature(model_config: Mapping[str, Any], signature: tuple, name: str) -> None:
+def _check_signature(model_config: Mapping[str, Any], shapes: ShapeSummary, name: str) -> None:
     """Raise if the OpenCLIP architecture `name` has other tensor shapes than the checkpoint."""
     config_signature = _shape_signature(model_config)
-    if config_signature is None or config_signature == signature:
+    if config_signature is None or config_signature == tuple(shapes):
         return
     differences = [
-        f"{field} {expected} (checkpoint: {actual})"
-        for field, expected, actual in zip(_SIGNATURE_FIELDS, config_signature, signature)
+        f"{field.replace('_', ' ')} {expected} (checkpoint: {actual})"
+        for field, expected, actual in zip(shapes._fields, config_signature, shapes)
         if expected != actual
     ]
     msg = (
@@ -439,6 +440,89 @@ def _infer_open_clip_settings(signature: tuple, defaults: dict[str, Any]) -> dic
     return defaults
 
 
+def read_shapes(state_dict: Mapping[str, torch.Tensor]) -> ShapeSummary:
+    """Read the architecture sizes of an OpenAI/OpenCLIP ViT state dict from its tensor shapes.
+
+    Raises:
+        ValueError: If a tensor needed for a size is missing, or the shapes are inconsistent.
+    """
+    _check_supported_structure(state_dict)
+    patch_weight = _require(state_dict, "visual.conv1.weight")
+    vision_positions = _require(state_dict, "visual.positional_embedding")
+    visual_proj = _require(state_dict, "visual.proj")
+    token_embedding = _require(state_dict, "token_embedding.weight")
+    text_positions = _require(state_dict, "positional_embedding")
+    text_proj = _require(state_dict, "text_projection")
+    vision_fc = _require(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight")
+    text_fc = _require(state_dict, "transformer.resblocks.0.mlp.c_fc.weight")
+
+    # The position embedding has one row for the class token and one per patch of a square grid.
+    grid = round((vision_positions.shape[0] - 1) ** 0.5)
+    if grid * grid + 1 != vision_positions.shape[0]:
+        msg = (
+            f"visual.positional_embedding has {vision_positions.shape[0]} rows, which is not 1 + a square number "
+            "of patches. Only square patch grids convert."
+        )
+        raise ValueError(msg)
+    embed_dim = int(visual_proj.shape[1])
+    if text_proj.ndim != 2 or text_proj.shape[1] != embed_dim:
+        msg = f"text_projection has shape {tuple(text_proj.shape)}, but visual.proj projects to {embed_dim} dims."
+        raise ValueError(msg)
+    if patch_weight.shape[1] != 3:
+        msg = f"visual.conv1.weight has shape {tuple(patch_weight.shape)}: CLIP's patch embedding takes 3 channels."
+        raise ValueError(msg)
+    patch_size = int(patch_weight.shape[-1])
+    return ShapeSummary(
+        embed_dim=embed_dim,
+        vision_width=int(patch_weight.shape[0]),
+        vision_layers=_count_blocks(state_dict, "visual."),
+        patch_size=patch_size,
+        image_size=grid * patch_size,
+        vision_mlp_size=int(vision_fc.shape[0]),
+        text_width=int(token_embedding.shape[1]),
+        text_layers=_count_blocks(state_dict, ""),
+        context_length=int(text_positions.shape[0]),
+        vocab_size=int(token_embedding.shape[0]),
+        text_mlp_size=int(text_fc.shape[0]),
+    )
+
+
+def _choose_settings(
+    shapes: ShapeSummary,
+    source_format: str,
+    model_config: Mapping[str, Any] | None,
+    model_name: str | None,
+) -> dict[str, Any]:
+    """Return head counts, activations and layer-norm epsilons for the inferred architecture."""
+    defaults = {
+        "vision_heads": shapes.vision_width // 64,
+        "text_heads": shapes.text_width // 64,
+        "vision_act": "quick_gelu" if source_format == "openai" else "gelu",
+        "text_act": "quick_gelu" if source_format == "openai" else "gelu",
+        "vision_eps": 1e-5,
+        "text_eps": 1e-5,
+    }
+    if model_config is not None:
+        _check_signature(model_config, shapes, model_name or "given")
+        settings = _architecture_settings(model_config)
+        if source_format == "openai":
+            settings["vision_act"] = settings["text_act"] = "quick_gelu"
+    elif source_format == "open_clip":
+        settings = _infer_open_clip_settings(tuple(shapes), defaults)
+    else:
+        settings = defaults
+
+    for tower, width in (("vision", shapes.vision_width), ("text", shapes.text_width)):
+        heads = settings[f"{tower}_heads"]
+        if heads < 1 or width % heads:
+            msg = (
+                f"The {tower} width {width} does not split into {heads} attention heads. Pass model_name "
+                "(--model-name) with the OpenCLIP architecture or its JSON config, which sets the head counts."
+            )
+            raise ValueError(msg)
+    return settings
+
+
 def infer_clip_config(
     state_dict: Mapping[str, torch.Tensor],
     source_format: str,
@@ -450,7 +534,7 @@ def infer_clip_config(
     Args:
         state_dict: OpenAI/OpenCLIP key names, wrapper prefixes removed.
         source_format: `"openai"` (QuickGELU, heads = width // 64) or `"open_clip"`.
-        model_config: The OpenCLIP model config; it sets head counts, activations and layer-norm epsilons.
+        model_config: The OpenCLIP model config. It sets head counts, activations and layer-norm epsilons.
             Without it, OpenCLIP settings come from the shipped architectures with the same shapes.
         model_name: Name of the architecture, used in messages.
 
@@ -460,101 +544,37 @@ def infer_clip_config(
     """
     if model_config is not None:
         _check_open_clip_options(model_config, model_name or "given")
-    _check_supported_structure(state_dict)
-    patch_weight = _require(state_dict, "visual.conv1.weight")
-    vision_positions = _require(state_dict, "visual.positional_embedding")
-    visual_proj = _require(state_dict, "visual.proj")
-    token_embedding = _require(state_dict, "token_embedding.weight")
-    text_positions = _require(state_dict, "positional_embedding")
-    text_proj = _require(state_dict, "text_projection")
-    vision_fc = _require(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight")
-    text_fc = _require(state_dict, "transformer.resblocks.0.mlp.c_fc.weight")
-
-    vision_width, num_channels, patch_size, _ = patch_weight.shape
-    grid = round((vision_positions.shape[0] - 1) ** 0.5)
-    if grid * grid + 1 != vision_positions.shape[0]:
+    shapes = read_shapes(state_dict)
+    if shapes.vocab_size != CLIP_VOCAB_SIZE:
         msg = (
-            f"visual.positional_embedding has {vision_positions.shape[0]} rows, which is not 1 + a square number "
-            "of patches. Only square patch grids convert."
-        )
-        raise ValueError(msg)
-    image_size = grid * patch_size
-    embed_dim = visual_proj.shape[1]
-    if text_proj.ndim != 2 or text_proj.shape[1] != embed_dim:
-        msg = f"text_projection has shape {tuple(text_proj.shape)}, but visual.proj projects to {embed_dim} dims."
-        raise ValueError(msg)
-    vocab_size, text_width = token_embedding.shape
-    context_length = text_positions.shape[0]
-    vision_layers = _count_blocks(state_dict, "visual.")
-    text_layers = _count_blocks(state_dict, "")
-    if vocab_size != CLIP_VOCAB_SIZE:
-        msg = (
-            f"The text tower has a vocabulary of {vocab_size} tokens, but the converter writes CLIP's BPE "
+            f"The text tower has a vocabulary of {shapes.vocab_size} tokens, but the converter writes CLIP's BPE "
             f"tokenizer of {CLIP_VOCAB_SIZE} tokens. Models with another tokenizer cannot be converted."
         )
         raise ValueError(msg)
-
-    defaults = {
-        "vision_heads": vision_width // 64,
-        "text_heads": text_width // 64,
-        "vision_act": "quick_gelu" if source_format == "openai" else "gelu",
-        "text_act": "quick_gelu" if source_format == "openai" else "gelu",
-        "vision_eps": 1e-5,
-        "text_eps": 1e-5,
-    }
-    signature = (
-        int(embed_dim),
-        int(vision_width),
-        vision_layers,
-        int(patch_size),
-        int(image_size),
-        int(vision_fc.shape[0]),
-        int(text_width),
-        text_layers,
-        int(context_length),
-        int(vocab_size),
-        int(text_fc.shape[0]),
-    )
-    if model_config is not None:
-        _check_signature(model_config, signature, model_name or "given")
-        settings = _architecture_settings(model_config)
-        if source_format == "openai":
-            settings["vision_act"] = settings["text_act"] = "quick_gelu"
-    elif source_format == "open_clip":
-        settings = _infer_open_clip_settings(signature, defaults)
-    else:
-        settings = defaults
-    for tower, width in (("vision", vision_width), ("text", text_width)):
-        heads = settings[f"{tower}_heads"]
-        if heads < 1 or width % heads:
-            msg = (
-                f"The {tower} width {width} does not split into {heads} attention heads. Pass model_name "
-                "(--model-name) with the OpenCLIP architecture or its JSON config, which sets the head counts."
-            )
-            raise ValueError(msg)
+    settings = _choose_settings(shapes, source_format, model_config, model_name)
 
     vision_config = {
-        "hidden_size": int(vision_width),
-        "intermediate_size": int(vision_fc.shape[0]),
-        "num_hidden_layers": vision_layers,
+        "hidden_size": shapes.vision_width,
+        "intermediate_size": shapes.vision_mlp_size,
+        "num_hidden_layers": shapes.vision_layers,
         "num_attention_heads": settings["vision_heads"],
-        "num_channels": int(num_channels),
-        "image_size": int(image_size),
-        "patch_size": int(patch_size),
+        "num_channels": 3,
+        "image_size": shapes.image_size,
+        "patch_size": shapes.patch_size,
         "hidden_act": settings["vision_act"],
         "layer_norm_eps": settings["vision_eps"],
-        "projection_dim": int(embed_dim),
+        "projection_dim": shapes.embed_dim,
     }
     text_config = {
-        "vocab_size": int(vocab_size),
-        "hidden_size": int(text_width),
-        "intermediate_size": int(text_fc.shape[0]),
-        "num_hidden_layers": text_layers,
+        "vocab_size": shapes.vocab_size,
+        "hidden_size": shapes.text_width,
+        "intermediate_size": shapes.text_mlp_size,
+        "num_hidden_layers": shapes.text_layers,
         "num_attention_heads": settings["text_heads"],
-        "max_position_embeddings": int(context_length),
+        "max_position_embeddings": shapes.context_length,
         "hidden_act": settings["text_act"],
         "layer_norm_eps": settings["text_eps"],
-        "projection_dim": int(embed_dim),
+        "projection_dim": shapes.embed_dim,
         "bos_token_id": CLIP_BOS_TOKEN_ID,
         "eos_token_id": CLIP_EOS_TOKEN_ID,
         "pad_token_id": CLIP_EOS_TOKEN_ID,
@@ -563,7 +583,7 @@ def infer_clip_config(
     return CLIPConfig(
         text_config=text_config,
         vision_config=vision_config,
-        projection_dim=int(embed_dim),
+        projection_dim=shapes.embed_dim,
         logit_scale_init_value=logit_scale,
     )
 
@@ -846,8 +866,10 @@ __all__ = [
     "clip_model_from_state_dict",
     "convert_clip_checkpoint",
     "convert_state_dict",
+    "ShapeSummary",
     "infer_clip_config",
     "is_torchscript_archive",
     "load_clip_checkpoint",
     "read_open_clip_model_config",
+    "read_shapes",
 ]
