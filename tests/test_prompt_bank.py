@@ -125,3 +125,12 @@ def test_invalid_user_prompts_raise(tmp_path):
         load_prompts({"part": {"abnormal": "x"}})
     with pytest.raises(FileNotFoundError, match="missing.json not found"):
         load_prompts(tmp_path / "missing.json")
+
+
+def test_user_prompts_dict_with_categories_key(tiny_clip_dir):
+    from cmi_clip import CMIClipModel
+
+    prompts = {"categories": {"gasket": {"abnormality": "a photo of a torn gasket.", "normality": "a photo of an intact gasket."}}}
+    model = CMIClipModel.from_clip_pretrained(tiny_clip_dir, prompts=prompts)
+    assert set(model.config.prompts) == {"gasket"}
+    assert model.prompt_bank.prompts_for("gasket").sentences["normality"] == ["a photo of an intact gasket."]

@@ -53,8 +53,9 @@ class CMIClipConfig(PretrainedConfig):
             score gets `1 - image_score_map_weight`.
         prompt_sets (`list[str]`, *optional*, defaults to `["mvtec_ad", "visa"]`):
             Built-in prompt banks to load when `prompts` is not given.
-        prompts (`dict[str, dict[str, str]]`, *optional*):
-            Category name -> {"abnormality": str, "normality": str}. Defaults to the union of
+        prompts (`dict[str, dict[str, str]]` or `str`, *optional*):
+            Category name -> {"abnormality": str, "normality": str}, optionally under a top-level
+            `"categories"` key, or the path of such a JSON file. Defaults to the union of
             `prompt_sets`. Stored in full so that a saved model scores the same without the package data.
         fallback_abnormality_template (`str`, *optional*):
             Abnormality prompt for a category missing from `prompts`; `{}` is replaced by the category.
@@ -118,7 +119,7 @@ class CMIClipConfig(PretrainedConfig):
         image_score_top_k: int = 100,
         image_score_map_weight: float = 0.5,
         prompt_sets: list[str] | None = None,
-        prompts: dict[str, dict[str, str]] | None = None,
+        prompts: dict[str, Any] | str | None = None,
         fallback_abnormality_template: str = "a photo of a damaged {}.",
         fallback_normality_template: str = "a photo of a flawless {}.",
         normal_anchor_template: str = "a photo of a normal {}.",
@@ -201,11 +202,9 @@ class CMIClipConfig(PretrainedConfig):
         self.image_score_top_k = image_score_top_k
         self.image_score_map_weight = image_score_map_weight
         self.prompt_sets = list(prompt_sets) if prompt_sets is not None else list(DEFAULT_PROMPT_SETS)
-        if prompts is None:
-            from .prompt_bank import load_builtin_prompts
+        from .prompt_bank import load_builtin_prompts, load_prompts
 
-            prompts = load_builtin_prompts(self.prompt_sets)
-        self.prompts = {str(name): dict(entry) for name, entry in prompts.items()}
+        self.prompts = load_builtin_prompts(self.prompt_sets) if prompts is None else load_prompts(prompts)
         self.fallback_abnormality_template = fallback_abnormality_template
         self.fallback_normality_template = fallback_normality_template
         self.normal_anchor_template = normal_anchor_template

@@ -133,11 +133,18 @@ class CMIClipCrossViewAttention(nn.Module):
         other_normed = self.norm_key(other)
         key = self._heads(self.k_proj(other_normed))
         value = self._heads(self.v_proj(other_normed))
-        bias = torch.log(cue + 1e-6).to(query.dtype)[:, None, None, :]
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        bias = torch.log(cue + 1e-6).to(query.dtype)[:, None, :, None]
+        scale = self.head_dim**-0.5
+        # The bias depends on the key only, so it rides in one extra query/key channel: query 1 and key
+        # bias / scale add exactly `bias` to every logit. Without a mask, SDPA can use its fused kernels.
+        ones = torch.ones_like(query[..., :1])
+        query_biased = torch.cat([query, ones], dim=-1)
+        key_biased = torch.cat([key, (bias / scale).expand(-1, self.num_heads, -1, -1)], dim=-1)
+        value_padded = torch.cat([value, torch.zeros_like(value[..., :1])], dim=-1)
+        attended = F.scaled_dot_product_attention(query_biased, key_biased, value_padded, scale=scale)[..., :-1]
         weights = None
         if output_attentions:
-            logits = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim) + bias
+            logits = (query @ key.transpose(-1, -2)) * scale + bias.transpose(-1, -2)
             weights = logits.softmax(dim=-1).mean(dim=1)
         attended = attended.transpose(1, 2).reshape(own.shape)
         return own + self.gate * self.out_proj(attended), weights
@@ -330,8 +337,6 @@ class CMIClipModel(CMIClipPreTrainedModel):
 
         clip_kwargs = dict(clip_kwargs or {})
         clip = CLIPModel.from_pretrained(clip_name_or_path, **clip_kwargs)
-        if isinstance(config_kwargs.get("prompts"), (str, os.PathLike)):
-            config_kwargs["prompts"] = load_prompts(config_kwargs["prompts"])
         config = CMIClipConfig(
             clip_config=clip.config.to_dict(), clip_name_or_path=str(clip_name_or_path), **config_kwargs
         )
