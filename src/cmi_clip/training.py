@@ -2,11 +2,11 @@
 """Training of the CMI-CLIP heads with cross-view learning (CVL), through 🤗 Accelerate.
 
 The zero-shot protocol trains on an auxiliary data set and evaluates on another that shares no
-category with it (train on VisA, test on MVTec AD, and the reverse). [`train`] runs that protocol:
-it builds or takes a model, loads the two data sets, trains with AdamW on the parameters that
-require gradients, checkpoints with `Accelerator.save_state`, evaluates with `cmi_clip.metrics`,
-calibrates `config.decision_threshold` on the evaluation data and saves the model with
-`save_pretrained`.
+category with it (train on VisA, test on MVTec AD, and the reverse). [`train`] runs that protocol.
+It builds or takes a model, loads the two data sets and trains the parameters that require
+gradients with AdamW, checkpointing with `Accelerator.save_state`. It then evaluates with
+`cmi_clip.evaluation.evaluate_model`, calibrates `config.decision_threshold` on the evaluation data
+and saves the model with `save_pretrained`.
 
 The same code runs from Python (`train(TrainConfig(...))`), from `cmi-clip train` and from
 `accelerate launch examples/train.py`; the command-line options are defined once, in
@@ -86,8 +86,8 @@ class TrainConfig:
         train_data: Root of the training data set (MVTec AD, VisA or image-folder layout).
         eval_data: Root of the evaluation data set.
         data_format: Layout of both roots (`"mvtec_ad"`, `"visa"`, `"folder"`); None detects it per root.
-        train_split: Split of `train_data` to train on. The test split holds the defective images with
-            masks, which the zero-shot protocol trains on.
+        train_split: Split of `train_data` to train on. The zero-shot protocol trains on the test split,
+            because it contains the defective images with masks.
         eval_split: Split of `eval_data` to evaluate on.
         train_categories: Categories of the training data to use; None uses all.
         eval_categories: Categories of the evaluation data to use; None uses all.
@@ -115,8 +115,8 @@ class TrainConfig:
         freeze_clip: True freezes the CLIP weights, False trains them too; None keeps the model's setting
             (frozen for a model built here).
         eval_every_epoch: Evaluate at the end of every epoch as well as at the end of training.
-        focal_weight: Weight of the focal terms; None keeps the model's configured value (this holds
-            for every loss option below).
+        focal_weight: Weight of the focal terms. None keeps the model's configured value, for this and
+            every loss option below.
         dice_weight: Weight of the dice terms.
         image_weight: Weight of the image-score binary cross-entropy.
         cross_view_weight: Weight of the agreement term between the two branch maps.
@@ -329,8 +329,8 @@ def _select_categories(dataset: Any, categories: list[str] | None, role: str) ->
     import datasets
 
     if isinstance(dataset, datasets.Dataset):
-        wanted = set(categories)
-        return dataset.filter(lambda category: category in wanted, input_columns="category")
+        selected = set(categories)
+        return dataset.filter(lambda category: category in selected, input_columns="category")
     msg = f"{role}_categories is set but the {role} data set is a {type(dataset).__name__}; only roots and datasets.Dataset objects can be filtered by category. Filter the data set yourself or drop the option."
     raise ValueError(msg)
 
@@ -437,7 +437,7 @@ def build_accelerator(config: TrainConfig) -> Any:
 def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
     """Return the complete checkpoints `step_N` in a folder, sorted by step.
 
-    A folder counts as complete when it holds the training-state file. Temporary folders of
+    A folder counts as complete when it contains the training-state file. Temporary folders of
     unfinished saves (`.tmp-step_N`) are ignored.
     """
     folder = Path(checkpoints_dir)
