@@ -267,6 +267,18 @@ def test_messy_files_decode_through_dataset(tmp_path):
     assert int((broken_mask == 255).sum()) == 12
 
 
+def test_exif_rotated_image_in_layout(tmp_path):
+    root = make_mvtec(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (12, 16), (200, 10, 10)).save(root / "bottle/test/broken/002.jpg", exif=exif.tobytes())
+    save_mask(root / "bottle/ground_truth/broken/002_mask.png", size=(16, 12))
+    dataset = load_mvtec_ad(root)
+    row = next(row for row in dataset if row["image_path"].endswith("002.jpg"))
+    assert row["image"].size == (16, 12)
+    assert row["mask"].size == (16, 12)
+
+
 # ----------------------------------------------------------------------------------------------
 # VisA layout
 # ----------------------------------------------------------------------------------------------

@@ -219,3 +219,9 @@ def test_make_demo_data_command(tmp_path):
     assert (out / "rocket/test/cutpaste/000.png").is_file()
     assert (out / "rocket/ground_truth/cutpaste/000_mask.png").is_file()
     assert Image.open(out / "moon/train/good/000.png").size == (24, 24)
+
+
+def test_make_demo_data_rejects_unknown_category(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["make-demo-data", str(tmp_path), "--categories", "brick,bottle"])
+    assert "bottle" in capsys.readouterr().err

@@ -578,7 +578,11 @@ class OnTheFlyDefectDataset(torch.utils.data.Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose samples the next `__getitem__` calls draw."""
+        """Select the epoch whose samples the next `__getitem__` calls draw.
+
+        NOTE: DataLoader workers started with `persistent_workers=True` keep their own copy of the data
+        set and do not see this call; without persistent workers each epoch starts new workers with a copy.
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -677,8 +681,18 @@ def make_synthetic_dataset(
 # ----------------------------------------------------------------------------------------------
 
 
-def _split_names(value: str) -> list[str]:
-    return [name.strip() for name in value.split(",") if name.strip()]
+def _name_list_parser(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """Build an argparse type that splits a comma-separated list and rejects names outside `choices`."""
+
+    def parse(value: str) -> list[str]:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in choices]
+        if not names or unknown:
+            msg = f"invalid {what} {unknown or value!r}; choose from {', '.join(choices)}"
+            raise argparse.ArgumentTypeError(msg)
+        return names
+
+    return parse
 
 
 def _run_make_demo_data(args: argparse.Namespace) -> int:
@@ -703,13 +717,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("out", metavar="OUT", type=Path, help="Output folder; created if missing, existing files are overwritten.")
     parser.add_argument(
         "--categories",
-        type=_split_names,
+        type=_name_list_parser(tuple(CATEGORY_SOURCES), "categories"),
         default=None,
         help=f"Comma-separated categories to write (default: all): {','.join(CATEGORY_SOURCES)}.",
     )
     parser.add_argument(
         "--defect-kinds",
-        type=_split_names,
+        type=_name_list_parser(DEFECT_KINDS, "defect kinds"),
         default=None,
         help=f"Comma-separated defect kinds for the test split (default: all): {','.join(DEFECT_KINDS)}.",
     )
