@@ -342,3 +342,32 @@ def test_two_process_launch(tiny_clip_dir, tmp_path):
     assert metrics["category_metrics"]["coins"]["num_images"] == 3
     assert (output_dir / "model" / "config.json").is_file()
 
+
+
+def test_cli_trains_from_roots(tiny_clip_dir, tmp_path):
+    """`cmi-clip train` loads MVTec-layout roots, logs to TensorBoard and saves a loadable model."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cmi_clip.cli import main
+    from cmi_clip.data.synthetic import make_synthetic_dataset
+
+    train_root = make_synthetic_dataset(tmp_path / "train", ["brick"], image_size=32, num_train=0, num_test_good=2, num_test_defect_per_kind=1, defect_kinds=["scratch"])
+    eval_root = make_synthetic_dataset(tmp_path / "eval", ["coins"], image_size=32, num_train=0, num_test_good=1, num_test_defect_per_kind=1, defect_kinds=["hole"], seed=1)
+    output_dir = tmp_path / "run"
+    argv = ["train", "--clip_model", str(tiny_clip_dir), "--train_data", str(train_root), "--eval_data", str(eval_root),
+            "--batch_size", "2", "--max_steps", "2", "--output_dir", str(output_dir), "--report_to", "tensorboard", "--logging_steps", "1"]
+    assert main(argv) == 0
+
+    event_files = list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert event_files
+    scalar_tags = set()
+    for event_file in event_files:
+        events = EventAccumulator(str(event_file))
+        events.Reload()
+        scalar_tags.update(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/fused_focal", "train/cross_view", "eval/pixel_auroc"} <= scalar_tags
+    metrics = json.loads((output_dir / METRICS_FILE_NAME).read_text())
+    assert metrics["num_eval_images"] == 2
+    assert list(metrics["category_metrics"]) == ["coins", "mean"]
+    loaded = CMIClipModel.from_pretrained(output_dir / "model")
+    assert loaded.config.decision_threshold == pytest.approx(metrics["decision_threshold"])

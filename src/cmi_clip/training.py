@@ -581,6 +581,223 @@ def _format_table(category_metrics: dict[str, Any]) -> str:
     return format_metrics_table(category_metrics)
 
 
+class _TrainingRun:
+    """The prepared objects of one training run, its sample-stream position and its histories.
+
+    `state` contains `epoch` and `step_in_epoch` (the position to resume from), `global_step` (optimizer
+    steps so far), `loss_history` and `eval_history`. It is what a checkpoint's training-state JSON stores.
+    """
+
+    def __init__(self, config: TrainConfig, model: Any, train_dataset: Any, eval_dataset: Any, accelerator: Any) -> None:
+        from transformers import get_scheduler
+
+        self.config = config
+        self.accelerator = accelerator
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.output_dir = Path(config.output_dir)
+
+        self.sampler = EpochSeededRandomSampler(len(train_dataset), config.seed)
+        train_loader = torch.utils.data.DataLoader(
+            train_dataset,
+            batch_size=config.batch_size,
+            sampler=self.sampler,
+            collate_fn=CMIClipCollator(model.image_processor),
+            num_workers=config.dataloader_num_workers,
+        )
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        if not self.parameters:
+            msg = "The model has no trainable parameters (requires_grad); check freeze_clip and the model's heads."
+            raise ValueError(msg)
+        optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        model.train()
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+
+        # The schedule length needs the per-process number of batches, known after `prepare`.
+        self.batches_per_epoch = len(self.train_loader)
+        updates_per_epoch = math.ceil(self.batches_per_epoch / config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps if config.max_steps is not None else config.num_epochs * updates_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
+        # A prepared scheduler steps once per process for every optimizer step, so its lengths are scaled.
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer=self.optimizer,
+            num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+        )
+        self.scheduler = accelerator.prepare(scheduler)
+
+        self.state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_history": [], "eval_history": []}
+        self.last_checkpoint: Path | None = None
+        self.last_saved_step = -1
+        self.progress = None
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load a checkpoint's accelerator state and sample-stream position."""
+        self.accelerator.load_state(str(checkpoint))
+        saved = _read_training_state(checkpoint)
+        current = {
+            "num_processes": self.accelerator.num_processes,
+            "batch_size": self.config.batch_size,
+            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+        }
+        for key, value in current.items():
+            if saved.get(key, value) != value:
+                logger.warning(
+                    "Checkpoint %s was written with %s=%s but this run uses %s, so the resumed sample stream differs from the interrupted run's.",
+                    checkpoint, key, saved[key], value,
+                )
+        self.state.update({key: saved[key] for key in self.state if key in saved})
+        self.last_checkpoint = checkpoint
+        self.last_saved_step = self.state["global_step"]
+        logger.info(
+            "Resumed from %s at epoch %d, batch %d, step %d",
+            checkpoint, self.state["epoch"], self.state["step_in_epoch"], self.state["global_step"],
+        )
+
+    def save(self, epoch: int, step_in_epoch: int) -> None:
+        """Checkpoint the run at a position; a position at the end of an epoch is stored as the next epoch's start."""
+        if step_in_epoch >= self.batches_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        position = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.state["global_step"],
+            "num_processes": self.accelerator.num_processes,
+            "batch_size": self.config.batch_size,
+            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+            "loss_history": self.state["loss_history"],
+            "eval_history": self.state["eval_history"],
+        }
+        self.last_checkpoint = save_checkpoint(self.accelerator, self.output_dir, position, self.config.checkpoints_total_limit)
+        self.last_saved_step = self.state["global_step"]
+
+    def run(self) -> None:
+        """Train from the current position to `total_steps`, checkpointing and evaluating as configured."""
+        self.progress = tqdm(
+            total=self.total_steps, initial=self.state["global_step"], desc="Training", disable=not self.accelerator.is_local_main_process
+        )
+        for epoch in range(self.state["epoch"], self.num_epochs):
+            if self.state["global_step"] >= self.total_steps:
+                break
+            step_in_epoch = self.run_epoch(epoch)
+            if self.eval_dataset is not None and self.config.eval_every_epoch:
+                self.evaluate_epoch(epoch)
+            if self.last_saved_step != self.state["global_step"]:
+                self.save(epoch, step_in_epoch)
+        self.progress.close()
+
+    def run_epoch(self, epoch: int) -> int:
+        """Train one epoch (the rest of it when resuming) and return the number of batches consumed in it."""
+        # Both the sampler (through the loader) and an epoch-aware data set get the epoch.
+        self.train_loader.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.train_dataset.set_epoch(epoch)
+        skip = self.state["step_in_epoch"] if epoch == self.state["epoch"] else 0
+        loader = self.train_loader
+        if skip:
+            loader = self.accelerator.skip_first_batches(self.train_loader, skip)
+            loader.set_epoch(epoch)
+
+        step_in_epoch = skip
+        window_losses: list[torch.Tensor] = []
+        window_terms: dict[str, list[torch.Tensor]] = {}
+        for batch in loader:
+            with self.accelerator.accumulate(self.model):
+                outputs = self.model(
+                    pixel_values=batch["pixel_values"], categories=batch["categories"], masks=batch["masks"], labels=batch["labels"]
+                )
+                self.accelerator.backward(outputs.loss)
+                if self.accelerator.sync_gradients and self.config.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+                learning_rate = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            step_in_epoch += 1
+            window_losses.append(outputs.loss.detach())
+            for name, value in (outputs.loss_terms or {}).items():
+                window_terms.setdefault(name, []).append(value.detach())
+            if not self.accelerator.sync_gradients:
+                continue
+
+            self.state["global_step"] += 1
+            self.record_step(epoch, learning_rate, window_losses, window_terms)
+            window_losses, window_terms = [], {}
+            if self.config.checkpointing_steps and self.state["global_step"] % self.config.checkpointing_steps == 0:
+                self.save(epoch, step_in_epoch)
+            if self.state["global_step"] >= self.total_steps:
+                break
+        return step_in_epoch
+
+    def record_step(self, epoch: int, learning_rate: float, losses: list[torch.Tensor], terms: dict[str, list[torch.Tensor]]) -> None:
+        """Average an accumulation window's loss and terms over batches and processes, and log them."""
+        accelerator = self.accelerator
+        loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        term_values = {name: accelerator.reduce(torch.stack(values).mean(), reduction="mean").item() for name, values in terms.items()}
+        step = self.state["global_step"]
+        self.state["loss_history"].append({"step": step, "epoch": epoch, "loss": loss, "learning_rate": learning_rate, **term_values})
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
+        if step % self.config.logging_steps == 0 or step == self.total_steps:
+            logged = {"train/loss": loss, "train/learning_rate": learning_rate, "train/epoch": epoch}
+            logged.update({f"train/{name}": value for name, value in term_values.items()})
+            accelerator.log(logged, step=step)
+
+    def evaluate_epoch(self, epoch: int) -> None:
+        """Evaluate after an epoch, log `eval/*` and keep the metrics in `eval_history`."""
+        result = evaluate(self.model, self.eval_dataset, self.config, self.accelerator)
+        self.state["eval_history"].append({"epoch": epoch, "step": self.state["global_step"], **result["metrics"]})
+        self.accelerator.log({f"eval/{name}": value for name, value in result["metrics"].items()}, step=self.state["global_step"])
+        if self.accelerator.is_main_process:
+            logger.info("Evaluation after epoch %d:\n%s", epoch, _format_table(result["category_metrics"]))
+
+    def finish(self) -> dict[str, Any]:
+        """Run the final evaluation, calibrate the threshold, write `metrics.json`, save the model, and return the results."""
+        accelerator = self.accelerator
+        results: dict[str, Any] = {
+            "metrics": {},
+            "category_metrics": {},
+            "decision_threshold": None,
+            "global_step": self.state["global_step"],
+            "epochs_completed": len({record["epoch"] for record in self.state["loss_history"]}),
+            "loss_history": self.state["loss_history"],
+            "eval_history": self.state["eval_history"],
+            "output_dir": str(self.output_dir),
+            "model_dir": None,
+            "metrics_file": None,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint is not None else None,
+        }
+        if self.eval_dataset is not None:
+            final = evaluate(self.model, self.eval_dataset, self.config, accelerator)
+            results["metrics"], results["category_metrics"] = final["metrics"], final["category_metrics"]
+            accelerator.log({f"eval/{name}": value for name, value in final["metrics"].items()}, step=self.state["global_step"])
+            if self.config.calibrate_threshold and final["threshold"] is not None:
+                self.unwrapped.config.decision_threshold = final["threshold"]
+            results["decision_threshold"] = float(self.unwrapped.config.decision_threshold)
+            metrics_file = self.output_dir / METRICS_FILE_NAME
+            if accelerator.is_main_process:
+                print(_format_table(final["category_metrics"]))
+                payload = {key: results[key] for key in ("metrics", "category_metrics", "decision_threshold", "global_step", "eval_history")}
+                payload["num_eval_images"] = final["num_images"]
+                payload["config"] = self.config.to_dict()
+                with open(metrics_file, "w", encoding="utf-8") as handle:
+                    json.dump(payload, handle, indent=2)
+            results["metrics_file"] = str(metrics_file)
+
+        if self.config.save_model:
+            model_dir = self.output_dir / MODEL_DIR_NAME
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                self.unwrapped.save_pretrained(model_dir)
+                logger.info("Saved the trained model to %s", model_dir)
+            accelerator.wait_for_everyone()
+            results["model_dir"] = str(model_dir)
+        return results
+
+
 def train(
     config: TrainConfig,
     model: Any = None,
@@ -601,14 +818,14 @@ def train(
             ended (`end_training`) before returning, a given one is left open.
 
     Returns:
-        A dict with `metrics` (overall metrics of the final evaluation, empty without evaluation data),
-        `category_metrics`, `decision_threshold`, `global_step`, `epochs_completed`, `loss_history`
-        (one dict per optimizer step with `step`, `epoch`, `loss`, `learning_rate` and each loss
-        term), `eval_history` (per-epoch evaluations with `eval_every_epoch`), `output_dir`,
-        `model_dir`, `metrics_file` and `last_checkpoint` (paths as str, or None when not written).
+        A dict with `metrics` (the mean over categories of the final evaluation, empty without
+        evaluation data), `category_metrics`, `decision_threshold`, `global_step`,
+        `epochs_completed`, `loss_history` (one dict per optimizer step with `step`, `epoch`, `loss`,
+        `learning_rate` and each loss term), `eval_history` (per-epoch evaluations with
+        `eval_every_epoch`), `output_dir`, `model_dir`, `metrics_file` and `last_checkpoint` (paths
+        as str, or None when not written).
     """
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     owns_accelerator = accelerator is None
     if owns_accelerator:
@@ -619,9 +836,8 @@ def train(
             f"config.gradient_accumulation_steps={config.gradient_accumulation_steps}. Make them equal."
         )
         raise ValueError(msg)
-    output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 
     # Seed before the model is built: the adapters and CMI layers are initialised from the global
     # random state, so every process and every resumed run starts from the same weights.
@@ -631,173 +847,17 @@ def train(
     configure_model(model, config)
     train_dataset, eval_dataset = resolve_datasets(config, train_dataset, eval_dataset)
 
-    sampler = EpochSeededRandomSampler(len(train_dataset), config.seed)
-    collator = CMIClipCollator(model.image_processor)
-    train_loader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=collator,
-        num_workers=config.dataloader_num_workers,
-    )
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if not parameters:
-        msg = "The model has no trainable parameters (requires_grad); check freeze_clip and the model's heads."
-        raise ValueError(msg)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    model.train()
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-
-    # The schedule length needs the per-process number of batches, known after `prepare`.
-    batches_per_epoch = len(train_loader)
-    updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = config.max_steps if config.max_steps is not None else config.num_epochs * updates_per_epoch
-    num_epochs = math.ceil(total_steps / updates_per_epoch)
-    # A prepared scheduler steps once per process for every optimizer step, so its lengths are scaled.
-    scheduler = get_scheduler(
-        config.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=config.warmup_steps * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
-    )
-    scheduler = accelerator.prepare(scheduler)
+    run = _TrainingRun(config, model, train_dataset, eval_dataset, accelerator)
     accelerator.init_trackers(TRACKER_PROJECT_NAME, config=_tracker_config(config))
-
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_history": [], "eval_history": []}
     checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        saved = _read_training_state(checkpoint)
-        for key in ("num_processes", "batch_size", "gradient_accumulation_steps"):
-            current = {"num_processes": accelerator.num_processes, "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps}[key]
-            if saved.get(key, current) != current:
-                logger.warning("Checkpoint %s was written with %s=%s, this run uses %s; the sample stream will differ from the interrupted run.", checkpoint, key, saved[key], current)
-        state.update({key: saved[key] for key in state if key in saved})
-        logger.info("Resumed from %s at epoch %d, batch %d, step %d", checkpoint, state["epoch"], state["step_in_epoch"], state["global_step"])
-
+        run.restore(checkpoint)
     logger.info(
         "Training on %d images: %d epochs, %d optimizer steps, %d batches of %d per process and epoch, %d processes",
-        len(train_dataset), num_epochs, total_steps, batches_per_epoch, config.batch_size, accelerator.num_processes,
+        len(train_dataset), run.num_epochs, run.total_steps, run.batches_per_epoch, config.batch_size, accelerator.num_processes,
     )
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="Training", disable=not accelerator.is_local_main_process)
-    last_checkpoint = checkpoint
-    last_saved_step = state["global_step"] if checkpoint is not None else -1
-    unwrapped = accelerator.unwrap_model(model)
-
-    def checkpoint_state(epoch: int, step_in_epoch: int) -> dict[str, Any]:
-        if step_in_epoch >= batches_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        return {
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": state["global_step"],
-            "num_processes": accelerator.num_processes,
-            "batch_size": config.batch_size,
-            "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "loss_history": state["loss_history"],
-            "eval_history": state["eval_history"],
-        }
-
-    for epoch in range(state["epoch"], num_epochs):
-        if state["global_step"] >= total_steps:
-            break
-        # Both the sampler (through the loader) and an epoch-aware data set get the epoch.
-        train_loader.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        if hasattr(train_dataset, "set_epoch"):
-            train_dataset.set_epoch(epoch)
-        skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        if skip:
-            loader.set_epoch(epoch)
-        step_in_epoch = skip
-        window_losses: list[torch.Tensor] = []
-        window_terms: dict[str, list[torch.Tensor]] = {}
-        for batch in loader:
-            with accelerator.accumulate(model):
-                outputs = model(
-                    pixel_values=batch["pixel_values"], categories=batch["categories"], masks=batch["masks"], labels=batch["labels"]
-                )
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            step_in_epoch += 1
-            window_losses.append(outputs.loss.detach())
-            for name, value in (outputs.loss_terms or {}).items():
-                window_terms.setdefault(name, []).append(value.detach())
-            if not accelerator.sync_gradients:
-                continue
-
-            state["global_step"] += 1
-            progress.update(1)
-            loss = accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean").item()
-            terms = {name: accelerator.reduce(torch.stack(values).mean(), reduction="mean").item() for name, values in window_terms.items()}
-            window_losses, window_terms = [], {}
-            record = {"step": state["global_step"], "epoch": epoch, "loss": loss, "learning_rate": scheduler.get_last_lr()[0], **terms}
-            state["loss_history"].append(record)
-            progress.set_postfix(loss=f"{loss:.4f}", epoch=epoch)
-            if state["global_step"] % config.logging_steps == 0 or state["global_step"] == total_steps:
-                accelerator.log({"train/loss": loss, "train/learning_rate": record["learning_rate"], "train/epoch": epoch, **{f"train/{name}": value for name, value in terms.items()}}, step=state["global_step"])
-            if config.checkpointing_steps and state["global_step"] % config.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, output_dir, checkpoint_state(epoch, step_in_epoch), config.checkpoints_total_limit)
-                last_saved_step = state["global_step"]
-            if state["global_step"] >= total_steps:
-                break
-
-        if eval_dataset is not None and config.eval_every_epoch:
-            result = evaluate(model, eval_dataset, config, accelerator)
-            state["eval_history"].append({"epoch": epoch, "step": state["global_step"], **result["metrics"]})
-            accelerator.log({f"eval/{name}": value for name, value in result["metrics"].items()}, step=state["global_step"])
-            if accelerator.is_main_process:
-                logger.info("Evaluation after epoch %d:\n%s", epoch, _format_table(result["category_metrics"]))
-        if last_saved_step != state["global_step"]:
-            last_checkpoint = save_checkpoint(accelerator, output_dir, checkpoint_state(epoch, step_in_epoch), config.checkpoints_total_limit)
-            last_saved_step = state["global_step"]
-    progress.close()
-    epochs_completed = len({record["epoch"] for record in state["loss_history"]})
-
-    results: dict[str, Any] = {
-        "metrics": {},
-        "category_metrics": {},
-        "decision_threshold": None,
-        "global_step": state["global_step"],
-        "epochs_completed": epochs_completed,
-        "loss_history": state["loss_history"],
-        "eval_history": state["eval_history"],
-        "output_dir": str(output_dir),
-        "model_dir": None,
-        "metrics_file": None,
-        "last_checkpoint": str(last_checkpoint) if last_checkpoint is not None else None,
-    }
-    if eval_dataset is not None:
-        final = evaluate(model, eval_dataset, config, accelerator)
-        results["metrics"], results["category_metrics"] = final["metrics"], final["category_metrics"]
-        accelerator.log({f"eval/{name}": value for name, value in final["metrics"].items()}, step=state["global_step"])
-        if config.calibrate_threshold and final["threshold"] is not None:
-            unwrapped.config.decision_threshold = final["threshold"]
-        results["decision_threshold"] = float(unwrapped.config.decision_threshold)
-        if accelerator.is_main_process:
-            table = _format_table(final["category_metrics"])
-            print(table)
-            metrics_file = output_dir / METRICS_FILE_NAME
-            payload = {key: results[key] for key in ("metrics", "category_metrics", "decision_threshold", "global_step", "eval_history")}
-            payload["num_eval_images"] = final["num_images"]
-            payload["config"] = config.to_dict()
-            with open(metrics_file, "w", encoding="utf-8") as handle:
-                json.dump(payload, handle, indent=2)
-        results["metrics_file"] = str(output_dir / METRICS_FILE_NAME)
-
-    if config.save_model:
-        model_dir = output_dir / MODEL_DIR_NAME
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            unwrapped.save_pretrained(model_dir)
-            logger.info("Saved the trained model to %s", model_dir)
-        accelerator.wait_for_everyone()
-        results["model_dir"] = str(model_dir)
+    run.run()
+    results = run.finish()
     if owns_accelerator:
         accelerator.end_training()
     return results
