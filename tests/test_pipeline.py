@@ -392,8 +392,8 @@ def test_saved_folder_without_package(tiny_model, tmp_path):
         assert report[name]["module"].startswith("transformers_modules.")
         assert report[name]["size"] == [48, 40]
         assert report[name]["score"] == pytest.approx(expected, abs=1e-6)
-    # transformers 5.25 refuses the custom code without trust_remote_code: AutoConfig raises a ValueError
-    # that asks for `trust_remote_code=True`, before the task name is looked up.
+    # Without trust_remote_code, transformers 5.25 rejects the custom code before it looks up the task name:
+    # AutoConfig raises a ValueError whose message requests `trust_remote_code=True`.
     assert report["error"].startswith("ValueError")
     assert "trust_remote_code=True" in report["error"]
     assert "Unknown task" not in report["error"]

@@ -1,9 +1,9 @@
 # Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
 """Evaluation of a CMI-CLIP model on an anomaly-detection data set, per category.
 
-[`evaluate_model`] scores every image of a data set (a `datasets.Dataset` with the columns image, mask,
-label and category, or any indexable sequence of such dicts), computes the image- and pixel-level
-metrics of each category with `cmi_clip.metrics.compute_metrics`, and returns them with one record per
+[`evaluate_model`] scores every image of a data set: a `datasets.Dataset` with the columns image, mask,
+label and category, or any indexable sequence of such dicts. It computes the image- and pixel-level
+metrics of each category with `cmi_clip.metrics.compute_metrics` and returns them with one record per
 image. It runs on one process or, given an `accelerate.Accelerator`, on several: each process scores a
 shard and `gather_for_metrics` collects the results on every process.
 
@@ -125,8 +125,8 @@ def evaluate_model(
     Args:
         model: A `CMIClipModel` with its `image_processor` and tokenizer attached.
         dataset: A `datasets.Dataset` with columns image, mask (None for normal images), label (1 for
-            anomalous) and category, optionally image_path; or an indexable sequence of such dicts
-            (images and masks as PIL images, numpy arrays or paths).
+            anomalous), category and optionally image_path. Any indexable sequence of such dicts also
+            works, with images and masks as PIL images, numpy arrays or paths.
         batch_size: Images per forward pass (per process).
         categories: Categories to evaluate; defaults to all in the data set, in order of appearance.
         accelerator: Optional `accelerate.Accelerator`. Each process then scores a shard and the results
@@ -258,7 +258,7 @@ def calibrate_threshold(records: Sequence[dict[str, Any]]) -> float:
 def add_mean_row(per_category: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Return the metrics with a "mean" row: each metric averaged over the categories where it is defined.
 
-    The row also holds `num_categories` (metric -> number of categories its mean covers) and
+    The row also contains `num_categories` (metric -> number of categories its mean covers) and
     `total_categories`, which `cmi_clip.metrics.format_metrics_table` reports.
     """
     from .metrics import METRIC_NAMES

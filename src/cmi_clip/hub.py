@@ -1,7 +1,7 @@
 # Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
 """Sharing CMI-CLIP models: self-contained folders, model cards, and uploads to the Hugging Face Hub.
 
-A folder written by [`save_for_pipeline`] holds the weights, the config, the tokenizer, the image
+A folder written by [`save_for_pipeline`] contains the weights, the config, the tokenizer, the image
 processor, the model code and the `anomaly-detection` pipeline code, so that
 
 ```python

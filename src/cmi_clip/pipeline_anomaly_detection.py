@@ -4,15 +4,17 @@
 ```python
 >>> from transformers import pipeline
 >>> import cmi_clip  # registers the task
->>> detector = pipeline("anomaly-detection", model="path/to/cmi-clip-model")
+>>> detector = pipeline("anomaly-detection", model="path/to/cmi-clip-model", trust_remote_code=True)
 >>> result = detector("bottle_001.png", category="bottle")
 >>> result["score"], result["label"], result["anomaly_map"].size
 ```
 
 This file is also copied into saved model folders (see `cmi_clip.hub.save_for_pipeline`), so that
-`pipeline(model=folder, trust_remote_code=True)` works where `cmi_clip` is not installed. It therefore
-imports only transformers, torch, numpy, Pillow, the standard library, and (relatively) the model files
-that are copied with it.
+`pipeline(model=folder, trust_remote_code=True)` works where `cmi_clip` is not installed. Because the
+folder's config declares the pipeline under `custom_pipelines`, transformers 5.25 requires
+`trust_remote_code=True` for such folders even where `cmi_clip` is imported. Plain CLIP checkpoints
+need no such flag. The file imports only transformers, torch, numpy, Pillow, the standard library and,
+relatively, the model files that are copied with it.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ logger = logging.get_logger(__name__)
 TASK = "anomaly-detection"
 # Category used when none is given; the model scores it with the generic prompts.
 DEFAULT_CATEGORY = "object"
-# The `custom_pipelines` entry that saved configs carry, so that transformers finds this class in the
-# copied file when the task is not registered in the running interpreter.
 # Per-layer CMI maps (B, rows, columns) returned with `return_attentions=True`.
 ATTENTION_KEYS = ("abnormality_attention", "normality_attention", "abnormality_cue", "normality_cue")
+# The `custom_pipelines` entry that saved configs carry, so that transformers finds this class in the
+# copied file when the task is not registered in the running interpreter.
 CUSTOM_PIPELINE_ENTRY = {
     "impl": "pipeline_anomaly_detection.AnomalyDetectionPipeline",
     "pt": ["AutoModel"],
@@ -201,10 +203,11 @@ class AnomalyDetectionPipeline(Pipeline):
         timeout (`float`, *optional*): Seconds to wait when downloading an image from a URL.
 
     Returns:
-        For each image, a dict with `score` (float in [0, 1]), `label` ("anomalous" or "normal"),
-        `anomaly_map` (PIL image, mode "F", values in [0, 1], the size of the upright input image) and
-        `mask` (PIL image, mode "L", 0 or 255, same size); with `return_branch_maps=True` also
-        `abnormality_map` and `normality_map` (mode "F"). A single input returns a dict, a list a list.
+        For each image, a dict with `score` (float in [0, 1]) and `label` ("anomalous" or "normal").
+        `anomaly_map` is a PIL image of mode "F" with values in [0, 1], of the size of the upright
+        input image. `mask` is a PIL image of mode "L" with values 0 or 255, of the same size. With
+        `return_branch_maps=True` the dict also has `abnormality_map` and `normality_map` (mode "F").
+        A single input returns a dict, and a list returns a list.
     """
 
     # The model carries its own tokenizer and image processor, so transformers loads none of them.

@@ -28,8 +28,8 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[Path, Path]
     """Expand files and folders (searched recursively) into image files.
 
     Returns:
-        `(images, skipped)`: `images` pairs each file with its path relative to the input it came from
-        (used to name outputs), sorted within each folder; `skipped` pairs each missing input with the
+        `(images, skipped)`. `images` pairs each file with its path relative to the input it came from,
+        which names the outputs, sorted within each folder. `skipped` pairs each missing input with the
         reason.
     """
     images: list[tuple[Path, Path]] = []
@@ -54,7 +54,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def _output_name(relative: Path, used: set[str]) -> str:
-    """A unique flat PNG name for an input, from its relative path ("a/b.jpg" -> "a__b.png")."""
+    """Return a unique flat PNG name for an input, built from its relative path ("a/b.jpg" -> "a__b.png")."""
     stem = "__".join(relative.with_suffix("").parts)
     name, counter = f"{stem}.png", 1
     while name in used:

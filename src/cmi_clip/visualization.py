@@ -66,8 +66,8 @@ def overlay_heatmap(image: Any, anomaly_map: Any, alpha: float = 0.5, colormap: 
 
     Args:
         image: The image (PIL image, path or array); it is EXIF-transposed and converted to RGB.
-        anomaly_map: Map with values in [0, 1] (PIL image of mode "F" or "L", tensor or array of shape
-            (H, W)); it is resized bilinearly to the image size.
+        anomaly_map: Map with values in [0, 1]: a PIL image of mode "F" or "L", or a tensor or array of
+            shape (H, W). It is resized bilinearly to the image size.
         alpha: Weight of the heat map, from 0 (image only) to 1 (heat map only).
         colormap: Name of a matplotlib colormap.
 
