@@ -76,7 +76,7 @@ def _write_table(path: Path, rows: list[dict[str, Any]], table_format: str) -> N
 
 def run_predict(args: argparse.Namespace) -> int:
     """Score the images named by `args` and write the outputs; return 0, or 1 when no image was scored."""
-    from .pipeline_anomaly_detection import AnomalyDetectionPipeline, load_detector, load_image
+    from .pipeline_anomaly_detection import DEFAULT_CATEGORY, AnomalyDetectionPipeline, load_detector, load_image
     from .processing_cmi_clip import to_rgb
     from .visualization import overlay_heatmap, save_panel
 
@@ -91,10 +91,10 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.panels:
         panel_dir.mkdir(parents=True, exist_ok=True)
 
-    model = load_detector(args.model)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         logger.error("--threshold %s is outside [0, 1]; scores are probabilities.", args.threshold)
         return 2
+    model = load_detector(args.model)
     detector = AnomalyDetectionPipeline(model=model, device=args.device)
     call_kwargs: dict[str, Any] = {"category": args.category, "batch_size": args.batch_size}
     if args.threshold is not None:
@@ -132,7 +132,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 rows.append(
                     {
                         "path": str(path),
-                        "category": args.category or "object",
+                        "category": args.category or DEFAULT_CATEGORY,
                         "score": round(result["score"], 6),
                         "label": result["label"],
                         "overlay": str(Path("overlays") / name),
