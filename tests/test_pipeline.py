@@ -221,6 +221,16 @@ def test_category_list_matches_single_calls(detector):
     assert same_image[0]["score"] != same_image[1]["score"]
 
 
+def test_dict_rows_carry_category(detector):
+    images = [random_rgb(40, 40, seed=12), random_rgb(40, 40, seed=13)]
+    rows = [{"image": images[0], "category": "bottle"}, {"image": images[1], "category": "carpet"}]
+    from_rows = detector(rows, batch_size=2)
+    from_list = detector(images, category=["bottle", "carpet"], batch_size=2)
+    assert [result["score"] for result in from_rows] == [result["score"] for result in from_list]
+    with pytest.raises(ValueError, match="'image' key"):
+        detector({"picture": images[0]})
+
+
 def test_category_list_length_mismatch(detector):
     with pytest.raises(ValueError, match="2 categories for 3 images"):
         detector([random_rgb(32, 32)] * 3, category=["bottle", "carpet"])

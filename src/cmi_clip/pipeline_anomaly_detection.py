@@ -185,7 +185,8 @@ class AnomalyDetectionPipeline(Pipeline):
     """Anomaly detection with a CMI-CLIP model: one score, label and anomaly map per image.
 
     Inputs are paths, http(s) URLs, PIL images or numpy arrays (H x W, H x W x 3, H x W x 4; uint8,
-    uint16 or float in [0, 1]), one at a time or as a list. Every image is EXIF-transposed and converted to
+    uint16 or float in [0, 1]), one at a time or as a list. Dicts with an "image" and an optional
+    "category" key, such as the rows of a `datasets.Dataset` (`list(dataset)`), also work. Every image is EXIF-transposed and converted to
     8-bit RGB by `to_rgb`, then resized as a whole to the model's input size.
 
     Call arguments:
@@ -290,6 +291,9 @@ class AnomalyDetectionPipeline(Pipeline):
             of the upright image.
         """
         if isinstance(inputs, dict):
+            if "image" not in inputs:
+                msg = f"A dict input needs an 'image' key (and optionally 'category'), got keys {sorted(inputs)}."
+                raise ValueError(msg)
             category = inputs.get("category", category)
             inputs = inputs["image"]
         image = to_rgb(load_image(inputs, timeout=timeout))
