@@ -270,3 +270,11 @@ def test_evaluate_module_matches_compute_metrics():
     assert set(results) == set(METRIC_NAMES)
     for name in METRIC_NAMES:
         assert results[name] == pytest.approx(expected[name], abs=1e-9), name
+
+
+def test_format_table_skips_empty_columns():
+    table = format_metrics_table({"tile": {"image_auroc": None, "pixel_aupro": 0.51234}, "wood": {"pixel_aupro": float("nan")}})
+    lines = table.splitlines()
+    assert lines[0] == "| Category | Pixel AUPRO |"
+    assert lines[2] == "| tile | 51.2 |"
+    assert lines[3] == "| wood | n/a |"

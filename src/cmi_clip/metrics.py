@@ -529,24 +529,28 @@ _COLUMN_TITLES = {
 }
 
 
+def _as_float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def format_metrics_table(per_category: Mapping[str, Mapping[str, Any]]) -> str:
     """Format per-category metrics as a markdown table in percent with one decimal.
 
     Args:
         per_category: Output of `compute_category_metrics`, or any mapping from a row name to metrics.
-            Columns that are NaN in every row are left out, and NaN cells read `n/a`.
+            Columns that are NaN (or None, or missing) in every row are left out, and such cells read `n/a`.
 
     Returns:
         The markdown table. When the `"mean"` row skips undefined values, a line below the table
         states how many categories each affected mean covers.
     """
-    columns = [name for name in METRIC_NAMES if any(not math.isnan(float(row.get(name, math.nan))) for row in per_category.values())]
+    columns = [name for name in METRIC_NAMES if any(not math.isnan(_as_float(row.get(name))) for row in per_category.values())]
     lines = ["| Category | " + " | ".join(_COLUMN_TITLES[name] for name in columns) + " |"]
     lines.append("|---|" + "---:|" * len(columns))
     for category, row in per_category.items():
         cells = []
         for name in columns:
-            value = float(row.get(name, math.nan))
+            value = _as_float(row.get(name))
             cells.append("n/a" if math.isnan(value) else f"{100.0 * value:.1f}")
         label = f"**{category}**" if category == "mean" else category
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
