@@ -346,6 +346,17 @@ def test_image_folder_with_and_without_masks(tmp_path):
     assert int((mask_array(dataset[0]) == 255).sum()) == 12
 
 
+def test_image_folder_mask_name_variants(tmp_path):
+    save_rgb(tmp_path / "good/a.png")
+    save_rgb(tmp_path / "dent/b.png")
+    save_rgb(tmp_path / "dent/c.jpg")
+    save_mask(tmp_path / "ground_truth/dent/b.PNG")
+    save_mask(tmp_path / "ground_truth/dent/c_mask.png", box=(0, 0, 2, 2))
+    dataset = load_image_folder(tmp_path)
+    areas = {Path(row["image_path"]).name: int((mask_array(row) == 255).sum()) for row in dataset}
+    assert areas == {"a.png": 0, "b.png": 12, "c.jpg": 4}
+
+
 def test_image_folder_requires_masks_once_ground_truth_exists(tmp_path):
     save_rgb(tmp_path / "good/a.png")
     save_rgb(tmp_path / "dent/b.png")

@@ -229,8 +229,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-
-
 def _read_mask_value(path: Path, size: tuple[int, int], image_path: Path) -> dict[str, Any]:
     """Mask for the data set: by path when the file already is mode L with only 0 and 255, else as PNG bytes."""
     binary, already_binary = _load_mask(path, size, image_path)
@@ -372,27 +370,21 @@ def _is_normal(name: str) -> bool:
     return name.lower() in NORMAL_FOLDER_NAMES
 
 
-def _find_mask(folder: Path, stem: str, suffix: str = "_mask") -> Path | None:
-    """Mask of an image in `folder`: `<stem><suffix>.<ext>` first, then `<stem>.<ext>` (any image extension, any case)."""
+def _index_files(folder: Path) -> dict[str, Path]:
+    """Files of a folder by lower-case name (empty if the folder is missing)."""
     if not folder.is_dir():
-        return None
-    by_name = _folder_index(folder)
-    for candidate_stem in (stem + suffix, stem):
-        for extension in IMAGE_EXTENSIONS:
-            found = by_name.get((candidate_stem + extension).lower())
-            if found is not None:
-                return found
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _folder_index_cached(folder: Path, modified: float) -> dict[str, Path]:
-    del modified
+        return {}
     return {path.name.lower(): path for path in folder.iterdir() if path.is_file()}
 
 
-def _folder_index(folder: Path) -> dict[str, Path]:
-    return _folder_index_cached(folder, folder.stat().st_mtime)
+def _find_mask(files_by_name: dict[str, Path], stem: str, suffix: str) -> Path | None:
+    """Find the mask of image `stem`: `<stem><suffix>.<ext>` first, then `<stem>.<ext>`, any image extension and case."""
+    for candidate_stem in (stem + suffix, stem):
+        for extension in IMAGE_EXTENSIONS:
+            found = files_by_name.get((candidate_stem + extension).lower())
+            if found is not None:
+                return found
+    return None
 
 
 def _defect_entries(image_folders: Path, category: str, mask_root: Path | None, mask_suffix: str) -> list[_Entry]:
@@ -403,10 +395,11 @@ def _defect_entries(image_folders: Path, category: str, mask_root: Path | None, 
             continue
         normal = _is_normal(defect_folder.name)
         defect_type = "good" if normal else defect_folder.name
+        masks_by_name = _index_files(mask_root / defect_folder.name) if mask_root is not None and not normal else {}
         for image_path in _list_images(defect_folder):
             mask_path = None
             if not normal and mask_root is not None:
-                mask_path = _find_mask(mask_root / defect_folder.name, image_path.stem, mask_suffix)
+                mask_path = _find_mask(masks_by_name, image_path.stem, mask_suffix)
                 if mask_path is None:
                     msg = (
                         f"Mask of defective image {image_path} not found: expected "
