@@ -6,8 +6,8 @@ All values are fractions in `[0, 1]`; only `format_metrics_table` converts them 
 - Image-level metrics (`image_auroc`, `image_ap`, `image_f1_max`) call scikit-learn directly.
 - Pixel-level metrics pool every pixel of every image. They are exact, with every distinct score as a
   threshold, and equal scikit-learn's `roc_auc_score` and `average_precision_score`, but they sort
-  the normal pixels once with `np.sort` and count with `np.searchsorted`. scikit-learn would make
-  float64 copies and a merge-sort argsort of all pixels, twice (for AUROC and AP).
+  the normal pixels once with `np.sort` and count with `np.searchsorted`. scikit-learn 1.9 runs a
+  stable argsort of all pixels once for AUROC and again for AP (see docs/benchmarks.md for times).
 - AUPRO (Bergmann et al., "The MVTec Anomaly Detection Dataset", IJCV 2021) is the area under the
   per-region-overlap (PRO) versus false-positive-rate curve up to `fpr_limit`, divided by `fpr_limit`.
   Ground-truth regions are the 8-connected components of each image's mask. The curve uses every
