@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,4 @@ def test_evaluate_command(saved_model_dir, tmp_path, capsys):
     scores = [json.loads(line) for line in (output / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 4
     assert sum(record["label"] for record in scores) == 2
+    assert all(Path(record["image_path"]).is_file() for record in scores)

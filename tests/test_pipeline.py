@@ -144,6 +144,11 @@ def test_exif_rotated_jpeg_map_is_upright(detector, tmp_path):
     assert result["anomaly_map"].size == (480, 640)
     assert result["mask"].size == (480, 640)
 
+    # In the 32 x 32 model input, the square lies at rows 20-25 and columns 22-28 of the upright image.
+    pixel_values = detector.preprocess(str(path))["pixel_values"][0].mean(0)
+    assert pixel_values[21:24, 23:27].mean() > pixel_values.mean() + 1.0
+    assert pixel_values[2:7, 24:30].mean() < pixel_values.mean()
+
     # The map equals the one of the image rotated by hand, so it is aligned with the displayed image.
     decoded = Image.open(path)
     decoded.load()
