@@ -412,3 +412,18 @@ def test_saved_folder_without_package(tiny_model, tmp_path):
     assert report["error"].startswith("ValueError")
     assert "trust_remote_code=True" in report["error"]
     assert "Unknown task" not in report["error"]
+
+
+def test_saved_folder_works_without_trust_remote_code(tmp_path, tiny_model):
+    from transformers import pipeline
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert "anomaly-detection" in saved["custom_pipelines"]
+    assert (tmp_path / "model" / "pipeline_anomaly_detection.py").is_file()
+    image = Image.fromarray(np.full((40, 50, 3), 128, dtype=np.uint8))
+    for source in (str(tmp_path / "model"), CMIClipModel.from_pretrained(tmp_path / "model")):
+        detector = pipeline("anomaly-detection", model=source)
+        assert isinstance(detector, AnomalyDetectionPipeline)
+        result = detector(image, category="bottle")
+        assert result["anomaly_map"].size == (50, 40)

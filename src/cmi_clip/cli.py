@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity(getattr(logging, args.log_level))
+    # transformers logs every loaded config at INFO, so it stays at WARNING unless DEBUG is requested.
+    level = getattr(logging, args.log_level)
+    hf_logging.set_verbosity(level if level == logging.DEBUG else max(level, logging.WARNING))
     return int(args.func(args) or 0)
 
 

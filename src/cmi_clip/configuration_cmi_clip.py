@@ -218,7 +218,17 @@ class CMIClipConfig(PretrainedConfig):
         self.freeze_clip = freeze_clip
         self.decision_threshold = decision_threshold
         self.clip_name_or_path = clip_name_or_path
+        custom_pipelines = kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
+        # transformers sends every task named in `custom_pipelines` down the remote-code path. Where
+        # this package has registered the task itself, the declaration is dropped from memory so that
+        # `pipeline("anomaly-detection", model=folder)` works without `trust_remote_code`; saving
+        # writes it again (see `pipeline_anomaly_detection.save_pipeline_files`).
+        if custom_pipelines:
+            from transformers.pipelines import PIPELINE_REGISTRY
+
+            if any(task not in PIPELINE_REGISTRY.supported_tasks for task in custom_pipelines):
+                self.custom_pipelines = custom_pipelines
 
     @property
     def patch_grid(self) -> tuple[int, int]:

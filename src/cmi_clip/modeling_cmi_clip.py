@@ -371,8 +371,13 @@ class CMIClipModel(CMIClipPreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Save weights and config, plus the tokenizer and image-processor files, into one folder."""
+        """Save weights, config, code files (model and pipeline), tokenizer and image processor into one folder."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        from .pipeline_anomaly_detection import save_pipeline_files
+
+        save_pipeline_files(save_directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
         if self.image_processor is not None:

@@ -22,8 +22,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Return an 8-bit RGB copy of a PIL image of any mode, upright according to its EXIF orientation.
 
     16-bit and 32-bit integer images are scaled to 8 bits (a 16-bit value v becomes round(v / 257)),
-    float images are taken as [0, 1], and transparent images are composited on black, which equals
-    dropping the alpha channel of straight (non-premultiplied) RGBA.
+    float images are taken as [0, 1], and the alpha channel of transparent images is dropped (the
+    colour channels are kept as stored, not composited on a background).
     """
     image = ImageOps.exif_transpose(image)
     mode = image.mode
