@@ -304,6 +304,14 @@ class AnomalyDetectionPipeline(Pipeline):
             "original_size": torch.tensor([[height, width]]),
         }
 
+    def get_inference_context(self) -> Any:
+        """Run `_forward` under `torch.inference_mode`, which skips the view and version tracking of `no_grad`.
+
+        Text embeddings cached by the model during a call are inference tensors. Training the same model
+        afterwards still works, because they enter autograd only through `torch.stack`, which saves nothing.
+        """
+        return torch.inference_mode
+
     def _forward(self, model_inputs: dict[str, Any], output_attentions: bool = False) -> dict[str, Any]:
         categories = model_inputs["category"]
         outputs = self.model(
