@@ -1,0 +1,235 @@
+# Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
+"""Measure CMI-CLIP training steps per second with the frozen CLIP backbone against a linear-probe baseline.
+
+Two steps run on the same CLIP weights and the same batch (images, masks and labels):
+
+- `cmi_clip`: one training step of `CMIClipModel` in training mode with the default frozen CLIP.
+  It runs the forward with `masks` and `labels` (the cross-view learning loss), `loss.backward()`, and
+  `AdamW.step()` plus `zero_grad()` on the trainable parameters (adapters, text adapters, CMI, fusion
+  weight).
+- `baseline`: the bare CLIP feature forward of `bench_inference.bare_clip_features` under
+  `torch.no_grad()` (vision tower with `output_hidden_states=True`, then the post-layernorm and the
+  visual projection of the class token and of the feature layers' patch tokens). Then one
+  `nn.Linear(projection_dim, 1)` scores every patch token of every feature layer, the per-layer logits are
+  averaged, and a binary cross-entropy against the masks max-pooled to the patch grid is minimised with
+  `loss.backward()` and `AdamW.step()` plus `zero_grad()`. With a frozen backbone nothing else can
+  receive gradients, so this is the least work a trained head on the same features can do.
+
+The steps run interleaved after a warm-up round, and the table reports the median of the repeats.
+The weights are random, with the shapes of the real checkpoints (see `bench_inference.MODEL_SPECS`).
+
+Usage:
+    python bench/bench_training.py --quick
+    python bench/bench_training.py --models b16 --batch-size 8 --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_inference import (  # noqa: E402 (the sibling script is found through the path set above)
+    CATEGORY,
+    DTYPES,
+    MODEL_SPECS,
+    CallCounter,
+    autocast_context,
+    bare_clip_features,
+    load_model,
+    machine_description,
+    peak_call_bytes,
+    time_call,
+)
+
+STEPS = ("baseline", "cmi_clip")
+
+
+def make_batch(batch_size: int, height: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Return random images, rectangular masks on every other image, and the matching labels."""
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(batch_size, 3, height, width, generator=generator)
+    masks = torch.zeros(batch_size, height, width)
+    for index in range(0, batch_size, 2):
+        top, left = torch.randint(0, height // 2, (2,), generator=generator).tolist()
+        masks[index, top : top + height // 4, left : left + width // 4] = 1.0
+    labels = (masks.flatten(1).amax(1) > 0).float()
+    return {"pixel_values": pixel_values.to(device), "masks": masks.to(device), "labels": labels.to(device)}
+
+
+class LinearProbe(nn.Module):
+    """Linear patch classifier shared by the feature layers, whose per-layer logits are averaged."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(dim, 1)
+
+    def forward(self, patch_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Map patch tokens [(B, N, D)] to patch logits (B, N)."""
+        return torch.stack([self.classifier(tokens)[..., 0] for tokens in patch_tokens]).mean(0)
+
+
+def bench_training(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Time both training steps for one model and return a row with the medians and the step peaks."""
+    dtype = DTYPES[args.dtype]
+    model = load_model(name, args.cache_dir, device).train()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    probe = LinearProbe(model.config.clip_config.projection_dim).to(device)
+    probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-4)
+    height, width = model.config.image_size
+    patch_size = model.config.clip_config.vision_config.patch_size
+    batch = make_batch(args.batch_size, height, width, device)
+    patch_masks = F.max_pool2d(batch["masks"][:, None], patch_size)[:, 0].flatten(1)
+
+    def baseline_step() -> None:
+        with autocast_context(device, dtype):
+            with torch.no_grad():
+                _, patch_tokens = bare_clip_features(model, batch["pixel_values"])
+            logits = probe(patch_tokens)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), patch_masks)
+        loss.backward()
+        probe_optimizer.step()
+        probe_optimizer.zero_grad(set_to_none=True)
+
+    def cmi_clip_step() -> None:
+        with autocast_context(device, dtype):
+            outputs = model(
+                pixel_values=batch["pixel_values"], categories=CATEGORY, masks=batch["masks"], labels=batch["labels"]
+            )
+        outputs.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = {"baseline": baseline_step, "cmi_clip": cmi_clip_step}
+    peaks: dict[str, int] = {}
+    for round_index in range(args.warmup):
+        for step in STEPS:
+            if round_index == args.warmup - 1:
+                peaks[step] = peak_call_bytes(steps[step], device)
+            else:
+                steps[step]()
+        print(f"  {name}: warm-up round {round_index + 1}/{args.warmup} done", flush=True)
+
+    times: dict[str, list[float]] = {step: [] for step in STEPS}
+    counter = CallCounter(model.clip.text_model)
+    for round_index in range(args.repeats):
+        for step in STEPS:
+            times[step].append(time_call(steps[step], device))
+        summary = ", ".join(f"{step} {times[step][-1]:.3f} s" for step in STEPS)
+        print(f"  {name}: repeat {round_index + 1}/{args.repeats}: {summary}", flush=True)
+    text_forwards = counter.count
+    counter.remove()
+
+    row = {
+        "model": name,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "text_forwards": text_forwards,
+        "trainable_parameters": sum(parameter.numel() for parameter in trainable),
+        "probe_parameters": sum(parameter.numel() for parameter in probe.parameters()),
+    }
+    for step in STEPS:
+        row[f"{step}_seconds"] = statistics.median(times[step])
+        row[f"{step}_peak"] = peaks[step]
+    del model, probe, optimizer, probe_optimizer, batch
+    gc.collect()
+    return row
+
+
+def format_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Format the rows as one markdown table."""
+    mebibyte = 2**20
+    precision = args.dtype + (" (autocast)" if args.dtype != "fp32" else "")
+    lines = [
+        f"Device: {args.device}, precision: {precision}, batch size {args.batch_size}, warm-up rounds: {args.warmup}",
+        "",
+        "| Model | Repeats | Trainable params | Baseline steps/s | CMI-CLIP steps/s | CMI-CLIP/baseline "
+        "| Baseline step peak MiB | CMI-CLIP step peak MiB | Text forwards in timed loop |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        spec = MODEL_SPECS[row["model"]]
+        baseline = 1.0 / row["baseline_seconds"]
+        cmi_clip = 1.0 / row["cmi_clip_seconds"]
+        lines.append(
+            f"| {spec['clip']} @ {spec['image_size']} | {row['repeats']} | {row['trainable_parameters']:,} "
+            f"| {baseline:.3f} | {cmi_clip:.3f} | {cmi_clip / baseline:.3f} "
+            f"| {row['baseline_peak'] / mebibyte:.0f} | {row['cmi_clip_peak'] / mebibyte:.0f} | {row['text_forwards']} |"
+        )
+    lines.append("")
+    lines.append("Step peak: the maximum of the tensor bytes allocated during one step above those live before it (weights not included).")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="b16", help=f"Comma-separated models from {sorted(MODEL_SPECS)} (default: %(default)s).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Images per training step (default: %(default)s).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed rounds; the median is reported (default: %(default)s).")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="Untimed rounds before the timed ones; the last one measures memory (default: %(default)s)."
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the number of CPU cores).")
+    parser.add_argument("--device", default="cpu", help="torch device, such as cpu or cuda (default: %(default)s).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or bf16/fp16 autocast (default: %(default)s).")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("CMI_CLIP_BENCH_CACHE", "/tmp/cmi_clip_bench")),
+        help="Folder for the random-weight CLIP checkpoints (default: %(default)s).",
+    )
+    parser.add_argument("--quick", action="store_true", help="ViT-B/16, batch 2, 2 repeats: a smoke run.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_size, args.repeats = "b16", 2, 2
+    args.model_names = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in args.model_names if name not in MODEL_SPECS]
+    if unknown:
+        parser.error(f"Unknown models {unknown}; choose from {sorted(MODEL_SPECS)}.")
+    if args.repeats < 1 or args.warmup < 1 or args.batch_size < 1:
+        parser.error("--repeats, --warmup and --batch-size must be at least 1.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda was requested, but torch sees no CUDA device. Run on a GPU machine or use --device cpu.", file=sys.stderr)
+        return 2
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    rows = [bench_training(name, args, device) for name in args.model_names]
+    elapsed = time.perf_counter() - start
+    load_after = os.getloadavg()
+
+    print()
+    print("Command: python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+    for line in machine_description(device, threads):
+        print(line)
+    print(
+        f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
+        f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}; total time {elapsed:.0f} s"
+    )
+    print()
+    print(format_results(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
