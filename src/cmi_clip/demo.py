@@ -1,0 +1,402 @@
+# Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
+"""`cmi-clip demo`: the whole method, offline, on real photographs with synthesized defects.
+
+The demo splits the categories of `cmi_clip.data.synthetic` into an auxiliary group (training) and a
+target group (zero-shot test) that share no category, trains a CMI-CLIP model with cross-view
+learning on defects synthesized on the fly for the auxiliary categories, evaluates it on a saved
+MVTec-layout test set of the target categories, repeats shorter runs for the ablations, and writes
+`report.md` with the metric tables and figure panels. The trained model is saved to `model/`.
+
+Without `--clip`, a small CLIP with random weights is built, because no pretrained weights can be
+downloaded offline. Random features carry no visual or language knowledge, so the vision tower is
+trained together with the heads (`freeze_clip=False`) and the prompts describe each category by its
+kind (texture or object), which the text tower sees in training for both groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+AUXILIARY_CATEGORIES = (
+    "brick", "grass", "moon", "retina", "hubble_deep_field", "coins", "rocket", "camera", "astronaut_face", "chelsea",
+)
+TARGET_CATEGORIES = ("gravel", "immunohistochemistry", "coffee")
+REPORT_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max", "image_auroc", "image_ap", "image_f1_max")
+
+ABNORMALITY_TEMPLATE = (
+    "A photo of a anomalous {} for visual inspection with the following appearance: Scratch: thin bright or dark line; "
+    "Hole: dark round gap; Stain: colour spot; Patch: foreign piece of another surface; Blotch: irregular region of other texture."
+)
+NORMALITY_TEMPLATE = "A photo of a normal {} for visual inspection with the following appearance: an even, clean and intact {}."
+
+
+@dataclass
+class DemoConfig:
+    """Options of [`run_demo`].
+
+    Attributes:
+        output_dir: Folder for the data, runs, model, panels and `report.md`.
+        clip: CLIP checkpoint (Hub id or local folder); None builds a small CLIP with random weights.
+        image_size: Input side in pixels; None uses 64 for the random CLIP and the checkpoint's size otherwise.
+        steps: Optimizer steps of the main run, whose model is saved.
+        ablation_steps: Optimizer steps of each ablation run and of the full model trained as long; None uses a third of `steps`.
+        batch_size: Training batch size.
+        learning_rate: Peak AdamW learning rate (cosine schedule with warm-up).
+        seed: Seed of the data, the model initialisation and the sample order.
+        auxiliary_categories: Training categories.
+        target_categories: Zero-shot test categories; must not overlap the auxiliary ones.
+        num_test_good: Normal test images per target category.
+        num_test_defect_per_kind: Defective test images per target category and defect kind.
+        num_panels: Test images drawn as figure panels.
+        num_workers: Data loader worker processes that synthesize training images.
+    """
+
+    output_dir: str = "demo_output"
+    clip: str | None = None
+    image_size: int | None = None
+    steps: int = 1500
+    ablation_steps: int | None = None
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    seed: int = 0
+    auxiliary_categories: tuple[str, ...] = AUXILIARY_CATEGORIES
+    target_categories: tuple[str, ...] = TARGET_CATEGORIES
+    num_test_good: int = 10
+    num_test_defect_per_kind: int = 6
+    num_panels: int = 4
+    num_workers: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shared = sorted(set(self.auxiliary_categories) & set(self.target_categories))
+        if shared:
+            msg = f"Auxiliary and target categories must not overlap, but both contain {shared}."
+            raise ValueError(msg)
+        if self.steps < 1:
+            msg = f"steps={self.steps} is invalid; it must be a positive number of optimizer steps."
+            raise ValueError(msg)
+        if self.ablation_steps is None:
+            self.ablation_steps = max(1, self.steps // 3)
+
+
+def demo_prompts(categories: list[str], use_kind: bool) -> dict[str, dict[str, str]]:
+    """Prompts of the demo categories, naming the category's kind (random CLIP) or the category itself."""
+    from .data.synthetic import CATEGORY_SOURCES
+    from .prompt_bank import category_words
+
+    prompts = {}
+    for category in categories:
+        words = CATEGORY_SOURCES[category].kind if use_kind else category_words(category)
+        prompts[category] = {"abnormality": ABNORMALITY_TEMPLATE.format(words), "normality": NORMALITY_TEMPLATE.format(words, words)}
+    return prompts
+
+
+def random_clip_config(image_size: int) -> Any:
+    """Small CLIP architecture of the offline demo: 4-pixel patches, width 64, 4 vision layers."""
+    from .clip_utils import tiny_clip_config
+
+    return tiny_clip_config(
+        image_size=image_size, patch_size=4, hidden_size=64, num_layers=4, num_heads=4, projection_dim=64, text_hidden_size=32, text_layers=1
+    )
+
+
+def build_demo_model(config: DemoConfig, clip_path: str, use_cmi: bool = True, use_cvl: bool = True) -> Any:
+    """Build an untrained model for one demo run (same initial weights for the same seed)."""
+    from accelerate.utils import set_seed
+
+    from . import CMIClipModel
+
+    random_clip = config.clip is None
+    categories = [*config.auxiliary_categories, *config.target_categories]
+    set_seed(config.seed)
+    model = CMIClipModel.from_clip_pretrained(
+        clip_path,
+        image_size=config.image_size,
+        prompts=demo_prompts(categories, use_kind=random_clip),
+        use_cmi=use_cmi,
+        use_cvl=use_cvl,
+        freeze_clip=not random_clip,
+        # A 64-pixel input has 16x16 patches, so the evaluation blur is scaled down from 4 pixels.
+        gaussian_sigma=1.0 if random_clip else 4.0,
+        # Defects cover a few percent of the pixels, so the focal loss weights the anomalous class up.
+        loss_weights={"focal_alpha": 0.75},
+    )
+    if random_clip:
+        # The random text tower knows no words either way; keeping it fixed lets the embeddings of the
+        # prompts be cached, while the text adapters still learn.
+        model.clip.text_model.requires_grad_(False)
+        model.clip.text_projection.requires_grad_(False)
+    return model
+
+
+def train_run(config: DemoConfig, name: str, clip_path: str, steps: int, eval_dataset: Any, **model_options: Any) -> dict[str, Any]:
+    """Train and evaluate one model of the demo; the main run (`name == "full"`) saves its model."""
+    from .data.synthetic import OnTheFlyDefectDataset
+    from .training import TrainConfig, train
+
+    output_dir = Path(config.output_dir)
+    run_dir = output_dir if name == "full" else output_dir / "runs" / name
+    train_config = TrainConfig(
+        output_dir=str(run_dir),
+        max_steps=steps,
+        num_epochs=1,
+        batch_size=config.batch_size,
+        eval_batch_size=32,
+        learning_rate=config.learning_rate,
+        warmup_steps=min(50, max(1, steps // 10)),
+        seed=config.seed,
+        dataloader_num_workers=config.num_workers,
+        save_model=name == "full",
+        logging_steps=50,
+    )
+    train_dataset = OnTheFlyDefectDataset(
+        list(config.auxiliary_categories), config.image_size, steps * config.batch_size, seed=config.seed, anomaly_probability=0.7
+    )
+    model = build_demo_model(config, clip_path, **model_options)
+    started = time.perf_counter()
+    results = train(train_config, model=model, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    config.timings[name] = time.perf_counter() - started
+    results["model"] = model
+    return results
+
+
+def evaluate_untrained(config: DemoConfig, clip_path: str, eval_dataset: Any) -> dict[str, dict[str, float]]:
+    """Metrics of the untrained model (adapters and CMI at their identity initialisation)."""
+    from .evaluation import add_mean_row, evaluate_model
+
+    model = build_demo_model(config, clip_path).eval()
+    per_category, _ = evaluate_model(model, eval_dataset, batch_size=32, show_progress=False)
+    return add_mean_row(per_category)
+
+
+def save_panels(config: DemoConfig, model: Any, eval_dataset: Any) -> list[Path]:
+    """Draw the figure-6 panels (with CMI attention maps) of a few defective test images."""
+    from .processing_cmi_clip import preprocess_images
+    from .visualization import save_panel
+
+    model.eval()
+    panel_dir = Path(config.output_dir) / "panels"
+    paths = []
+    defective = [index for index, label in enumerate(eval_dataset["label"]) if label == 1]
+    rng = np.random.default_rng(config.seed)
+    chosen = sorted(rng.choice(defective, size=min(config.num_panels, len(defective)), replace=False).tolist())
+    for index in chosen:
+        item = eval_dataset[int(index)]
+        pixels = preprocess_images([item["image"]], model.image_processor)
+        with torch.inference_mode():
+            outputs = model(pixels, categories=[item["category"]], output_attentions=True)
+        image = item["image"].resize(tuple(reversed(outputs.anomaly_map.shape[-2:])))
+        mask = item["mask"].resize(image.size) if item["mask"] is not None else None
+        path = panel_dir / f"{item['category']}_{item['defect_type']}_{index:03d}.png"
+        save_panel(
+            path,
+            image,
+            mask,
+            outputs.abnormality_map[0].numpy(),
+            outputs.normality_map[0].numpy(),
+            outputs.anomaly_map[0].numpy(),
+            attentions=outputs.attentions,
+            title=f"{item['category']} / {item['defect_type']}: score {float(outputs.image_scores[0]):.3f}",
+        )
+        paths.append(path)
+    return paths
+
+
+def _percent(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * float(value):.1f}"
+
+
+def ablation_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of the mean metrics (percent) of each run."""
+    header = "| run | " + " | ".join(REPORT_METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(REPORT_METRICS) + 1)]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_percent(metrics.get(key)) for key in REPORT_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def write_report(config: DemoConfig, clip_description: str, main: dict[str, Any], rows: dict[str, dict[str, Any]], panels: list[Path], wall_time: float) -> Path:
+    """Write `report.md` and `report.json` into the output folder."""
+    from .metrics import format_metrics_table
+
+    output_dir = Path(config.output_dir)
+    random_clip = config.clip is None
+    lines = [
+        "# cmi_clip demo report",
+        "",
+        f"- CLIP: {clip_description}",
+        f"- Input size: {config.image_size} x {config.image_size} pixels; training batch {config.batch_size}; learning rate {config.learning_rate}",
+        f"- Auxiliary (training) categories: {', '.join(config.auxiliary_categories)}",
+        f"- Target (zero-shot test) categories: {', '.join(config.target_categories)}; none of them is seen in training",
+        f"- Training data: defects synthesized on the fly on crops of scikit-image photographs, {config.steps} optimizer steps "
+        f"({config.steps * config.batch_size} images) for the main run, {config.ablation_steps} for each ablation run",
+        f"- Test data: `data/`, an MVTec AD layout of the target categories ({config.num_test_good} normal and "
+        f"{config.num_test_defect_per_kind} defective images per defect kind and category)",
+        f"- Wall time: {wall_time / 60:.1f} minutes in all ("
+        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in config.timings.items())
+        + f"), {torch.get_num_threads()} torch threads",
+        "",
+    ]
+    if random_clip:
+        lines += [
+            "The CLIP weights are random, because no pretrained weights can be downloaded offline. Random features carry no",
+            "visual or language knowledge, so the vision tower is trained together with the heads (`freeze_clip=False`), the",
+            "text tower is kept fixed, and the prompts name each category's kind (texture or object) instead of the category.",
+            "These numbers show the method transferring between categories of real photographs; they are not the published",
+            "MVTec AD or VisA results, which need real CLIP weights and the real data sets.",
+            "",
+        ]
+    lines += [
+        f"## Zero-shot results of the saved model ({config.steps} steps)",
+        "",
+        "Values in percent; the model is saved in `model/` with its calibrated decision threshold "
+        f"({main['decision_threshold']:.4f}).",
+        "",
+        format_metrics_table(main["category_metrics"]),
+        "",
+        "## Ablations (mean over the target categories)",
+        "",
+        f"Runs marked ({config.ablation_steps} steps) are trained for the same number of steps with the same seed, so they",
+        "compare with each other; `untrained` is the model at initialisation (adapters and CMI are the identity).",
+        "",
+        ablation_table(rows),
+        "",
+        "## Panels",
+        "",
+        "Each panel shows the image, the ground truth, the abnormality map, the normality map and the fused map; the second",
+        "row shows, for each CMI layer, the text-guided attention of each branch and the cue it takes from the other.",
+        "",
+    ]
+    lines += [f"![{path.stem}](panels/{path.name})" for path in panels]
+    lines += [
+        "",
+        "## Use the model",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "import cmi_clip",
+        "",
+        f'detector = pipeline("anomaly-detection", model="{output_dir / "model"}")',
+        f'detector("image.png", category="{config.target_categories[0]}")',
+        "```",
+        "",
+    ]
+    report = output_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    summary = {
+        "clip": clip_description,
+        "main": {"steps": config.steps, "category_metrics": main["category_metrics"], "decision_threshold": main["decision_threshold"]},
+        "ablations": rows,
+        "timings_seconds": config.timings,
+        "wall_time_seconds": wall_time,
+    }
+    (output_dir / "report.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    return report
+
+
+def run_demo(config: DemoConfig) -> Path:
+    """Run the demo and return the path of `report.md`."""
+    from .clip_utils import save_random_clip
+    from .data import load_mvtec_ad
+    from .data.synthetic import make_synthetic_dataset
+
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. The backbone: a random small CLIP offline, or the given checkpoint.
+    if config.clip is None:
+        config.image_size = config.image_size or 64
+        clip_path = str(save_random_clip(output_dir / "clip", random_clip_config(config.image_size), seed=config.seed))
+        clip_description = (
+            f"random weights (built offline in `clip/`: {config.image_size} px input, 4-pixel patches, width 64, 4 vision layers)"
+        )
+    else:
+        clip_path = config.clip
+        if config.image_size is None:
+            from transformers import CLIPConfig
+
+            config.image_size = CLIPConfig.from_pretrained(clip_path).vision_config.image_size
+        clip_description = f"`{config.clip}` (pretrained weights, frozen)"
+    logger.info("Demo backbone: %s", clip_description)
+
+    # 2. The zero-shot test set: target categories only, saved in the MVTec AD layout.
+    data_dir = make_synthetic_dataset(
+        output_dir / "data",
+        categories=list(config.target_categories),
+        image_size=max(config.image_size, 64),
+        num_train=0,
+        num_test_good=config.num_test_good,
+        num_test_defect_per_kind=config.num_test_defect_per_kind,
+        seed=config.seed + 1000,
+    )
+    eval_dataset = load_mvtec_ad(data_dir, categories=list(config.target_categories), split="test")
+
+    # 3. Training runs: the main one, then the ablations with the same, shorter schedule.
+    main = train_run(config, "full", clip_path, config.steps, eval_dataset)
+    rows = {f"full ({config.steps} steps)": main["category_metrics"]["mean"]}
+    for name, options in (("full", {}), ("no CMI", {"use_cmi": False}), ("no CVL", {"use_cvl": False})):
+        run = train_run(config, f"ablation_{name.replace(' ', '_').lower()}", clip_path, config.ablation_steps, eval_dataset, **options)
+        rows[f"{name} ({config.ablation_steps} steps)"] = run["category_metrics"]["mean"]
+    rows["untrained"] = evaluate_untrained(config, clip_path, eval_dataset)["mean"]
+
+    # 4. Pictures and the report.
+    panels = save_panels(config, main["model"], eval_dataset)
+    report = write_report(config, clip_description, main, rows, panels, time.perf_counter() - started)
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = DemoConfig(
+        output_dir=args.output,
+        clip=args.clip,
+        image_size=args.image_size,
+        steps=args.steps,
+        ablation_steps=args.ablation_steps,
+        seed=args.seed,
+        num_workers=args.num_workers,
+    )
+    threads = args.threads if args.threads else max(1, (os.cpu_count() or 1) - config.num_workers)
+    torch.set_num_threads(threads)
+    report = run_demo(config)
+    print(f"Report written to {report}")
+    print(f"Trained model saved to {Path(config.output_dir) / 'model'}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `demo` subcommand."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="Run the offline end-to-end demo: synthetic data, training, zero-shot evaluation, report.",
+        description=(
+            "Build a data set of scikit-image photographs with synthesized defects, train CMI-CLIP on auxiliary "
+            "categories, evaluate it zero-shot on target categories, run the ablations, and write report.md."
+        ),
+    )
+    parser.add_argument("--output", default="demo_output", help="Output folder for data, runs, model, panels and report.md (default: demo_output).")
+    parser.add_argument("--clip", default=None, help="CLIP checkpoint (Hub id or local folder); default: a small CLIP with random weights built offline.")
+    parser.add_argument("--image-size", type=int, default=None, help="Input side in pixels (default: 64 for the random CLIP, else the checkpoint's size).")
+    parser.add_argument("--steps", type=int, default=DemoConfig.steps, help=f"Optimizer steps of the main run (default: {DemoConfig.steps}).")
+    parser.add_argument("--ablation-steps", type=int, default=None, help="Optimizer steps of each ablation run (default: a third of --steps).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of data, initialisation and sample order (default: 0).")
+    parser.add_argument("--num-workers", type=int, default=1, help="Data loader processes that synthesize training images (default: 1).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: CPU count minus workers, at least 1).")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+__all__ = ["DemoConfig", "add_parser", "demo_prompts", "run_demo"]

@@ -1,0 +1,71 @@
+"""Tests of the offline demo on a very short schedule (the full demo is the README's first command)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmi_clip.demo import AUXILIARY_CATEGORIES, TARGET_CATEGORIES, DemoConfig, demo_prompts, run_demo
+
+
+@pytest.fixture
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_demo_split_shares_no_category():
+    assert not set(AUXILIARY_CATEGORIES) & set(TARGET_CATEGORIES)
+    with pytest.raises(ValueError, match="must not overlap"):
+        DemoConfig(auxiliary_categories=("brick", "gravel"), target_categories=("gravel",))
+
+
+def test_demo_prompts_name_kind_or_category():
+    by_kind = demo_prompts(["gravel", "coffee"], use_kind=True)
+    assert "anomalous texture" in by_kind["gravel"]["abnormality"]
+    assert "anomalous object" in by_kind["coffee"]["abnormality"]
+    by_name = demo_prompts(["astronaut_face"], use_kind=False)
+    assert "anomalous astronaut face" in by_name["astronaut_face"]["abnormality"]
+
+
+def test_short_demo_writes_report_and_model(tmp_path, single_thread):
+    config = DemoConfig(
+        output_dir=str(tmp_path / "demo"),
+        image_size=32,
+        steps=4,
+        ablation_steps=2,
+        batch_size=4,
+        auxiliary_categories=("brick", "coins"),
+        target_categories=("gravel",),
+        num_test_good=2,
+        num_test_defect_per_kind=1,
+        num_panels=2,
+        num_workers=0,
+    )
+    report = run_demo(config)
+    text = report.read_text()
+    assert "random weights" in text
+    assert "| full (4 steps) |" in text
+    for row in ("| full (2 steps) |", "| no CMI (2 steps) |", "| no CVL (2 steps) |", "| untrained |"):
+        assert row in text
+    assert "gravel" in text
+    panels = sorted((tmp_path / "demo" / "panels").glob("*.png"))
+    assert len(panels) == 2
+    assert all(f"panels/{path.name}" in text for path in panels)
+
+    summary = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert set(summary["ablations"]) == {"full (4 steps)", "full (2 steps)", "no CMI (2 steps)", "no CVL (2 steps)", "untrained"}
+    assert 0.0 <= summary["main"]["category_metrics"]["gravel"]["pixel_auroc"] <= 1.0
+
+    from transformers import pipeline
+
+    detector = pipeline("anomaly-detection", model=str(tmp_path / "demo" / "model"))
+    result = detector(Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)), category="gravel")
+    assert result["anomaly_map"].size == (40, 40)
+    assert result["label"] in {"normal", "anomalous"}
