@@ -221,9 +221,9 @@ class CMIClipConfig(PretrainedConfig):
         custom_pipelines = kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
         # transformers sends every task named in `custom_pipelines` down the remote-code path. Where
-        # this package has registered the task itself, the declaration is dropped from memory so that
-        # `pipeline("anomaly-detection", model=folder)` works without `trust_remote_code`; saving
-        # writes it again (see `pipeline_anomaly_detection.save_pipeline_files`).
+        # this package has registered the task itself, the declaration is dropped from memory, so
+        # `pipeline("anomaly-detection", model=folder)` works without `trust_remote_code`. Saving
+        # writes it again (`pipeline_anomaly_detection.save_pipeline_files`).
         if custom_pipelines:
             from transformers.pipelines import PIPELINE_REGISTRY
 

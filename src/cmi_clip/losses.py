@@ -1,9 +1,10 @@
 # Copyright 2026 The cmi_clip Authors. Licensed under the Apache License, Version 2.0.
 """Losses of cross-view learning (CVL).
 
-Both views are supervised: each branch map and the fused map get a focal and a dice loss against the
-ground-truth mask, the image score gets a binary cross-entropy, a cross-view term makes the two branch
-maps agree, and a separation term keeps each category's abnormality and normality text embeddings apart.
+Both views are supervised. Each branch map and the fused map get a focal and a dice loss against the
+ground-truth mask, and the image score gets a binary cross-entropy. A cross-view term makes the two
+branch maps agree, and a separation term keeps each category's abnormality and normality text
+embeddings apart.
 With `use_cvl=False` only the fused map and the image score are supervised (the single-view ablation).
 """
 

@@ -80,7 +80,7 @@ class CMIClipAdapter(nn.Module):
         super().__init__()
         self.down = nn.Linear(dim, hidden_size)
         self.up = nn.Linear(hidden_size, dim)
-        # Read by `_init_weights`, which sees each Linear on its own.
+        # Read by `_init_weights`, which initialises each Linear on its own.
         self.up.zero_init = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ class CMIClipMutualInteraction(nn.Module):
 
     @staticmethod
     def cue(attention_other: torch.Tensor, attention_own: torch.Tensor) -> torch.Tensor:
-        """What the other branch attends to and this one does not: `A_o * (1 - A_b / max A_b)`."""
+        """Compute what the other branch attends to and this one does not: `A_o * (1 - A_b / max A_b)`."""
         peak = attention_own.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(attention_own.dtype).tiny)
         return attention_other * (1.0 - attention_own / peak)
 
@@ -215,7 +215,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     images = maps[:, None]
     pad_rows = min(radius, height - 1)
     pad_cols = min(radius, width - 1)
-    # Reflect padding needs a border smaller than the side; the rest of the kernel then sees replicated values.
+    # Reflect padding needs a border smaller than the side, so a wider kernel is padded further by replication.
     images = F.pad(images, (pad_cols, pad_cols, pad_rows, pad_rows), mode="reflect") if pad_rows and pad_cols else images
     images = F.pad(images, (radius - pad_cols, radius - pad_cols, radius - pad_rows, radius - pad_rows), mode="replicate")
     images = F.conv2d(images, kernel.view(1, 1, 1, -1))
@@ -257,8 +257,9 @@ class CMIClipPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise the heads so that the untrained model equals training-free CLIP scoring."""
-        # Modules are visited one by one, children first; a module without parameters of its own is
-        # skipped for remote code, so each rule below matches a module that owns the parameters it sets.
+        # transformers visits modules one by one, children first, and skips a module without parameters
+        # of its own when the model is custom code. Each rule below therefore matches the module that
+        # owns the parameters it sets.
         if isinstance(module, nn.Linear):
             if getattr(module, "zero_init", False):
                 nn.init.zeros_(module.weight)
@@ -642,7 +643,7 @@ def global_probability(image_embedding: torch.Tensor, text_pair: torch.Tensor, l
 
 
 def value_value_attention_step(layer: nn.Module, vv_hidden: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """One value-value self-attention step of a CLIP encoder layer, used for sharper training-free maps.
+    """Run one value-value self-attention step of a CLIP encoder layer, for sharper training-free maps.
 
     Attention weights come from the similarity of the value vectors with themselves instead of queries
     and keys, and no MLP follows, as in training-free CLIP localisation methods (ClearCLIP, SCLIP).

@@ -21,9 +21,9 @@ CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 def to_rgb(image: Image.Image) -> Image.Image:
     """Return an 8-bit RGB copy of a PIL image of any mode, upright according to its EXIF orientation.
 
-    16-bit and 32-bit integer images are scaled to 8 bits (a 16-bit value v becomes round(v / 257)),
-    float images are taken as [0, 1], and the alpha channel of transparent images is dropped (the
-    colour channels are kept as stored, not composited on a background).
+    16-bit and 32-bit integer images are scaled to 8 bits, so a 16-bit value v becomes round(v / 257).
+    Float images are taken as [0, 1]. Transparent images lose their alpha channel: the colour channels
+    are kept as stored, not composited on a background.
     """
     image = ImageOps.exif_transpose(image)
     mode = image.mode
@@ -67,7 +67,8 @@ def build_image_processor(config: Any, loaded: Any = None) -> Any:
 def image_size_of(processor: Any) -> tuple[int, int]:
     """Return the (height, width) an image processor resizes to."""
     size = processor.size
-    size = size if isinstance(size, dict) else dict(size.items()) if hasattr(size, "items") else vars(size)
+    if not isinstance(size, dict):
+        size = dict(size.items()) if hasattr(size, "items") else vars(size)
     return int(size["height"]), int(size["width"])
 
 
