@@ -21,12 +21,16 @@ during one call above those allocated before it. On CUDA the call peak comes fro
 `torch.cuda.max_memory_allocated`. On CPU it comes from the allocation events of `torch.profiler`
 (`profile_memory=True`): the running sum of tensor allocations and frees, in time order. Both count
 tensors that torch allocates, not Python objects or PIL buffers. The bare peak is reported with the
-vision weights only (the floor) and with all CLIP weights (a CLIP-based detector also holds the text
-tower); the targets use the latter. The model and the pipeline hold all CMI-CLIP weights.
+vision weights only (the floor) and with all CLIP weights, because a CLIP-based detector also keeps
+the text tower in memory. The targets use the latter. The model and the pipeline count all CMI-CLIP
+weights.
+
+On a shared CPU, pass `--threads 1` (or the number of idle cores): extra threads make every small
+operator wait for descheduled threads, which slows the CMI-CLIP heads far more than CLIP.
 
 Usage:
     python bench/bench_inference.py --quick
-    python bench/bench_inference.py --models b16,l14-336,l14-518 --batch-sizes 1,8 --repeats 5
+    python bench/bench_inference.py --models b16 --batch-sizes 1,8 --repeats 5 --threads 1
     python bench/bench_inference.py --device cuda --dtype bf16
 """
 
@@ -61,6 +65,7 @@ from cmi_clip.pipeline_anomaly_detection import register_pipeline
 MODEL_SPECS: dict[str, dict[str, Any]] = {
     "b16": {
         "clip": "ViT-B/16",
+        "label": "ViT-B/16 @ 224",
         "image_size": 224,
         "vision": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "patch_size": 16, "image_size": 224},
         "text": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8},
@@ -68,13 +73,15 @@ MODEL_SPECS: dict[str, dict[str, Any]] = {
     },
     "l14-336": {
         "clip": "ViT-L/14-336",
+        "label": "ViT-L/14-336 @ 336",
         "image_size": 336,
         "vision": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14, "image_size": 336},
         "text": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
         "projection_dim": 768,
     },
 }
-MODEL_SPECS["l14-518"] = {**MODEL_SPECS["l14-336"], "image_size": 518}
+# The ViT-L/14-336 weights at 518 px input, with interpolated position embeddings.
+MODEL_SPECS["l14-518"] = {**MODEL_SPECS["l14-336"], "label": "ViT-L/14 @ 518", "image_size": 518}
 
 MODES = ("bare", "model", "pipeline")
 CATEGORY = "bottle"
@@ -236,7 +243,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
     png = encode_png(coffee_photo(args.original_size))
     height, width = model.config.image_size
     # Weights: the bare forward reads the vision tower and the visual projection, a bare CLIP model
-    # also holds the text tower, and CMI-CLIP adds adapters and CMI to that.
+    # also contains the text tower, and CMI-CLIP adds adapters and CMI to that.
     weights = {
         "vision": parameter_bytes([model.clip.vision_model, model.clip.visual_projection]),
         "clip": parameter_bytes([model.clip]),
@@ -329,8 +336,9 @@ def machine_description(device: torch.device, threads: int) -> list[str]:
 def memory_totals(row: dict[str, Any]) -> dict[str, int]:
     """Return the peak bytes (weights plus the call's peak allocations) of each mode.
 
-    `bare_vision` counts the vision weights only (the floor), `bare_clip` all CLIP weights, as a
-    CLIP-based zero-shot detector holds both towers. The model and the pipeline hold all CMI-CLIP weights.
+    `bare_vision` counts the vision weights only (the floor) and `bare_clip` all CLIP weights, because a
+    CLIP-based zero-shot detector keeps both towers in memory. The model and the pipeline count all
+    CMI-CLIP weights.
     """
     return {
         "bare_vision": row["vision"] + row["bare_activations"],
@@ -341,8 +349,7 @@ def memory_totals(row: dict[str, Any]) -> dict[str, int]:
 
 
 def model_label(row: dict[str, Any]) -> str:
-    spec = MODEL_SPECS[row["model"]]
-    return f"{spec['clip']} @ {spec['image_size']}"
+    return MODEL_SPECS[row["model"]]["label"]
 
 
 def format_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -360,7 +367,7 @@ def format_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         bare = row["bare_images_per_second"]
         lines.append(
             f"| {model_label(row)} | {row['batch_size']} | {row['repeats']} "
-            f"| {bare:.2f} | {row['model_images_per_second']:.2f} | {row['pipeline_images_per_second']:.2f} "
+            f"| {bare:#.3g} | {row['model_images_per_second']:#.3g} | {row['pipeline_images_per_second']:#.3g} "
             f"| {row['model_images_per_second'] / bare:.3f} | {row['pipeline_images_per_second'] / bare:.3f} | {row['text_forwards']} |"
         )
     lines += [

@@ -153,18 +153,17 @@ def format_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     mebibyte = 2**20
     precision = args.dtype + (" (autocast)" if args.dtype != "fp32" else "")
     lines = [
-        f"Device: {args.device}, precision: {precision}, batch size {args.batch_size}, warm-up rounds: {args.warmup}",
+        f"Device: {args.device}, precision: {precision}, warm-up rounds: {args.warmup}",
         "",
-        "| Model | Repeats | Trainable params | Baseline steps/s | CMI-CLIP steps/s | CMI-CLIP/baseline "
+        "| Model | Batch | Repeats | Trainable params | Baseline steps/s | CMI-CLIP steps/s | CMI-CLIP/baseline "
         "| Baseline step peak MiB | CMI-CLIP step peak MiB | Text forwards in timed loop |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        spec = MODEL_SPECS[row["model"]]
         baseline = 1.0 / row["baseline_seconds"]
         cmi_clip = 1.0 / row["cmi_clip_seconds"]
         lines.append(
-            f"| {spec['clip']} @ {spec['image_size']} | {row['repeats']} | {row['trainable_parameters']:,} "
+            f"| {MODEL_SPECS[row['model']]['label']} | {row['batch_size']} | {row['repeats']} | {row['trainable_parameters']:,} "
             f"| {baseline:.3f} | {cmi_clip:.3f} | {cmi_clip / baseline:.3f} "
             f"| {row['baseline_peak'] / mebibyte:.0f} | {row['cmi_clip_peak'] / mebibyte:.0f} | {row['text_forwards']} |"
         )
