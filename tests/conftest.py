@@ -21,3 +21,12 @@ def tiny_model(tiny_clip_dir) -> CMIClipModel:
     """Untrained CMI-CLIP model around the tiny CLIP, in evaluation mode."""
     torch.manual_seed(0)
     return CMIClipModel.from_clip_pretrained(tiny_clip_dir).eval()
+
+
+@pytest.fixture
+def single_thread():
+    """Run on one intra-op thread: tiny models are many times slower with threads competing for 2 cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -6,18 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cmi_clip.demo import AUXILIARY_CATEGORIES, TARGET_CATEGORIES, DemoConfig, demo_prompts, run_demo
-
-
-@pytest.fixture
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_demo_split_shares_no_category():

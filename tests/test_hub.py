@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +13,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
+
+from helpers import run_fresh_interpreter
 
 import cmi_clip.hub as hub
 from cmi_clip.hub import build_model_card, push_to_hub, save_for_pipeline, write_model_card
@@ -178,19 +179,7 @@ def test_saved_folder_loads_without_package(tiny_model, saved_folder, tmp_path):
     torch.save(pixel_values, tmp_path / "pixels.pt")
     with torch.no_grad():
         expected = tiny_model(pixel_values=pixel_values, categories=["bottle"])
-    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-c", FRESH_INTERPRETER_SCRIPT, str(saved_folder), str(tmp_path / "pixels.pt")],
-        capture_output=True,
-        text=True,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    line = next(line for line in completed.stdout.splitlines() if "REPORT" in line)
-    report = json.loads(line.split("REPORT", 1)[1])
+    report = run_fresh_interpreter(FRESH_INTERPRETER_SCRIPT, [str(saved_folder), str(tmp_path / "pixels.pt")], tmp_path / "modules")
     assert report["model_module"].startswith("transformers_modules.")
     assert report["has_tokenizer"]
     assert report["scores"] == pytest.approx(expected.image_scores.tolist(), abs=1e-6)

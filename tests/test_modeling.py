@@ -387,3 +387,11 @@ def test_tiny_model_on_real_photos(tiny_model):
     outputs = run_model(tiny_model, pixels, categories=["astronaut", "coffee"])
     assert outputs.anomaly_map.shape == (2, 32, 32)
     assert np.isfinite(outputs.anomaly_map.numpy()).all()
+
+
+def test_bfloat16_clip_gives_bfloat16_heads(tiny_clip_dir):
+    model = CMIClipModel.from_clip_pretrained(tiny_clip_dir, clip_kwargs={"dtype": torch.bfloat16}).eval()
+    assert model.abnormality_adapters[0].up.weight.dtype == torch.bfloat16
+    outputs = run_model(model, random_pixels())
+    assert outputs.anomaly_map.dtype == torch.bfloat16
+    assert torch.isfinite(outputs.anomaly_map.float()).all()

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from transformers import BertConfig, pipeline
+
+from helpers import run_fresh_interpreter
 
 from cmi_clip import CMIClipModel
 from cmi_clip.hub import save_for_pipeline
@@ -388,20 +387,7 @@ def test_saved_folder_without_package(tiny_model, tmp_path):
     folder = save_for_pipeline(tiny_model, tmp_path / "model")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     expected = AnomalyDetectionPipeline(model=tiny_model, device="cpu")(image, category="bottle")["score"]
-    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-c", FRESH_INTERPRETER_SCRIPT, str(folder)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        timeout=300,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    # transformers prints its trust_remote_code prompt without a newline, so the marker may follow it.
-    line = next(line for line in completed.stdout.splitlines() if "REPORT" in line)
-    report = json.loads(line.split("REPORT", 1)[1])
+    report = run_fresh_interpreter(FRESH_INTERPRETER_SCRIPT, [str(folder)], tmp_path / "modules")
     for name in ("with_task", "without_task"):
         assert report[name]["class"] == "AnomalyDetectionPipeline"
         assert report[name]["module"].startswith("transformers_modules.")

@@ -107,13 +107,7 @@ def assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Te
     assert different == []
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one intra-op thread: the tiny models here are many times slower with threads competing for 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_reexports_losses():

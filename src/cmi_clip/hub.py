@@ -24,6 +24,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from .metrics import METRIC_TITLES
 from .pipeline_anomaly_detection import TASK, save_pipeline_files
 
 logger = logging.getLogger(__name__)
@@ -32,16 +33,6 @@ TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "model_card_template.md"
 # The Hub has no "anomaly-detection" pipeline tag; the pixel maps make image segmentation the closest one.
 DEFAULT_PIPELINE_TAG = "image-segmentation"
 DEFAULT_TAGS = ("anomaly-detection", "zero-shot-anomaly-detection", "industrial-inspection", "clip", "cmi-clip")
-# Metric keys of `cmi_clip.metrics.compute_metrics` and their display names, in table order.
-METRIC_NAMES = {
-    "image_auroc": "Image AUROC",
-    "image_ap": "Image AP",
-    "image_f1_max": "Image F1-max",
-    "pixel_auroc": "Pixel AUROC",
-    "pixel_ap": "Pixel AP",
-    "pixel_f1_max": "Pixel F1-max",
-    "pixel_aupro": "Pixel AUPRO",
-}
 MEAN_ROW = "mean"
 
 
@@ -76,7 +67,7 @@ def _split_metrics(metrics: Mapping[str, Any] | None) -> tuple[dict[str, dict[st
             mean = dict(metrics[MEAN_ROW])
         else:
             mean = {}
-            for key in METRIC_NAMES:
+            for key in METRIC_TITLES:
                 values = [row[key] for row in rows.values() if isinstance(row.get(key), (int, float))]
                 if values:
                     mean[key] = sum(values) / len(values)
@@ -111,7 +102,7 @@ def _eval_results(
         dataset_split = "test"
     results = []
     for config_name, values in [*rows.items(), (None, mean)]:
-        for key, display_name in METRIC_NAMES.items():
+        for key, display_name in METRIC_TITLES.items():
             value = values.get(key)
             if not isinstance(value, (int, float)):
                 continue

@@ -44,6 +44,7 @@ __all__ = [
     "EVALUATE_METRIC_PATH",
     "IMAGE_METRICS",
     "METRIC_NAMES",
+    "METRIC_TITLES",
     "PIXEL_METRICS",
     "aupro",
     "compute_category_metrics",
@@ -518,7 +519,8 @@ def compute_category_metrics(
     return per_category
 
 
-_COLUMN_TITLES = {
+# Display names of the metrics in tables and model cards.
+METRIC_TITLES: dict[str, str] = {
     "image_auroc": "Image AUROC",
     "image_ap": "Image AP",
     "image_f1_max": "Image F1-max",
@@ -545,7 +547,7 @@ def format_metrics_table(per_category: Mapping[str, Mapping[str, Any]]) -> str:
         states how many categories each affected mean covers.
     """
     columns = [name for name in METRIC_NAMES if any(not math.isnan(_as_float(row.get(name))) for row in per_category.values())]
-    lines = ["| Category | " + " | ".join(_COLUMN_TITLES[name] for name in columns) + " |"]
+    lines = ["| Category | " + " | ".join(METRIC_TITLES[name] for name in columns) + " |"]
     lines.append("|---|" + "---:|" * len(columns))
     for category, row in per_category.items():
         cells = []
@@ -558,7 +560,7 @@ def format_metrics_table(per_category: Mapping[str, Mapping[str, Any]]) -> str:
     mean = per_category.get("mean")
     if mean is not None and "num_categories" in mean:
         total = mean.get("total_categories", len(per_category) - 1)
-        partial = [f"{_COLUMN_TITLES[name]} {mean['num_categories'][name]} of {total}" for name in columns if mean["num_categories"].get(name, total) < total]
+        partial = [f"{METRIC_TITLES[name]} {mean['num_categories'][name]} of {total}" for name in columns if mean["num_categories"].get(name, total) < total]
         if partial:
             lines.append("")
             lines.append("The mean covers only the categories where a metric is defined: " + ", ".join(partial) + ".")

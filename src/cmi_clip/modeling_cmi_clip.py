@@ -342,6 +342,8 @@ class CMIClipModel(CMIClipPreTrainedModel):
             clip_config=clip.config.to_dict(), clip_name_or_path=str(clip_name_or_path), **config_kwargs
         )
         model = cls(config, clip_model=clip)
+        # The heads are built in float32; a CLIP loaded in another dtype (`clip_kwargs={"dtype": ...}`) sets theirs.
+        model.to(dtype=clip.dtype)
         loader_kwargs = {key: clip_kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only") if key in clip_kwargs}
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path, **loader_kwargs)
