@@ -194,3 +194,18 @@ def test_evaluate_command(saved_model_dir, tmp_path, capsys):
     assert len(scores) == 4
     assert sum(record["label"] for record in scores) == 2
     assert all(Path(record["image_path"]).is_file() for record in scores)
+
+
+def test_invalid_value_is_one_line_error(capsys):
+    assert main(["demo", "--steps", "0"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cmi-clip demo: error: steps=0 is invalid")
+    assert "Traceback" not in error
+
+
+def test_missing_model_folder_is_named(tmp_path, capsys):
+    missing = tmp_path / "no_model"
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    assert main(["predict", "--model", str(missing), str(image), "--output", str(tmp_path / "out")]) == 2
+    assert f"Model folder {missing} was not found" in capsys.readouterr().err

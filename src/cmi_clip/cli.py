@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     # transformers logs every loaded config at INFO, so it stays at WARNING unless DEBUG is requested.
     level = getattr(logging, args.log_level)
     hf_logging.set_verbosity(level if level == logging.DEBUG else max(level, logging.WARNING))
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        # Invalid values and missing files are the user's to fix: one line, no traceback.
+        print(f"cmi-clip {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

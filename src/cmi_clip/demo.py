@@ -90,6 +90,9 @@ class DemoConfig:
             raise ValueError(msg)
         if self.ablation_steps is None:
             self.ablation_steps = max(1, self.steps // 3)
+        if self.ablation_steps < 1:
+            msg = f"ablation_steps={self.ablation_steps} is invalid; it must be a positive number of optimizer steps."
+            raise ValueError(msg)
 
 
 def demo_prompts(categories: list[str], use_kind: bool) -> dict[str, dict[str, str]]:
@@ -221,7 +224,9 @@ def _percent(value: Any) -> str:
 
 def ablation_table(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown table of the mean metrics (percent) of each run."""
-    header = "| run | " + " | ".join(REPORT_METRICS) + " |"
+    from .metrics import METRIC_TITLES
+
+    header = "| Run | " + " | ".join(METRIC_TITLES[key] for key in REPORT_METRICS) + " |"
     lines = [header, "|" + "---|" * (len(REPORT_METRICS) + 1)]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_percent(metrics.get(key)) for key in REPORT_METRICS) + " |")
@@ -247,7 +252,7 @@ def write_report(config: DemoConfig, clip_description: str, main: dict[str, Any]
         f"{config.num_test_defect_per_kind} defective images per defect kind and category)",
         f"- Wall time: {wall_time / 60:.1f} minutes in all ("
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in config.timings.items())
-        + f"), {torch.get_num_threads()} torch threads",
+        + f"), torch threads: {torch.get_num_threads()}",
         "",
     ]
     if random_clip:

@@ -284,7 +284,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .pipeline_anomaly_detection import load_detector
 
     data_format = None if args.data_format == "auto" else args.data_format
-    dataset = load_dataset_auto(args.data, data_format=data_format, categories=args.categories or None, split=args.split)
+    # Names may come space- or comma-separated, as `train` and `make-demo-data` take them.
+    categories = [name for value in args.categories or [] for name in value.split(",") if name] or None
+    dataset = load_dataset_auto(args.data, data_format=data_format, categories=categories, split=args.split)
     if len(dataset) == 0:
         logger.error("No images were found in %s (format %s, split %s).", args.data, args.data_format, args.split)
         return 1
@@ -352,7 +354,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="auto",
         help="Layout of the data set: MVTec AD, VisA, or a generic folder tree. Default: auto (detected from the layout).",
     )
-    parser.add_argument("--categories", nargs="+", default=None, metavar="NAME", help="Categories to evaluate. Default: all.")
+    parser.add_argument(
+        "--categories", nargs="+", default=None, metavar="NAME", help="Categories to evaluate, space- or comma-separated. Default: all."
+    )
     parser.add_argument("--split", default="test", help="Data-set split to score. Default: test.")
     parser.add_argument("--output", default="evaluation", help="Output folder for metrics.md, metrics.json and scores.jsonl. Default: evaluation.")
     parser.add_argument("--batch-size", type=int, default=8, help="Images per model forward pass. Default: 8.")

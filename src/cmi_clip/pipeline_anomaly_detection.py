@@ -162,7 +162,19 @@ def load_detector(model_or_path: Any, **kwargs: Any) -> Any:
         model = wrap_clip_model(model_or_path) if model_type == "clip" else model_or_path
         return model.eval()
 
-    config_dict, _ = PretrainedConfig.get_config_dict(model_or_path, **kwargs)
+    path = os.fspath(model_or_path)
+    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if looks_local and not os.path.isdir(path):
+        msg = f"Model folder {path} was not found. Pass a saved CMI-CLIP model folder, a CLIP checkpoint folder, or a Hub id."
+        raise FileNotFoundError(msg)
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(model_or_path, **kwargs)
+    except OSError as error:
+        msg = (
+            f"No model could be loaded from {path!r}: it is not a local folder (looked in {os.path.abspath(path)}) "
+            f"and loading it as a Hub id failed ({error}). Check the path, or the network for Hub ids."
+        )
+        raise FileNotFoundError(msg) from error
     model_type = config_dict.get("model_type")
     if model_type == "clip":
         logger.info("%s is a plain CLIP checkpoint: running training-free CMI-CLIP.", model_or_path)
