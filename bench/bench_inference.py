@@ -50,9 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPConfig
 from transformers import pipeline as hf_pipeline
@@ -437,15 +435,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare_run(args: argparse.Namespace) -> torch.device | None:
+    """Set the torch threads and create the cache folder; return the device, or None when it is unavailable."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda was requested, but torch sees no CUDA device. Run on a GPU machine or use --device cpu.", file=sys.stderr)
-        return 2
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+        return None
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = prepare_run(args)
+    if device is None:
+        return 2
+    threads = torch.get_num_threads()
     load_before = os.getloadavg()
     start = time.perf_counter()
     rows = []

@@ -50,6 +50,7 @@ from bench_inference import (  # noqa: E402 (the sibling script is found through
     load_model,
     machine_description,
     peak_call_bytes,
+    prepare_run,
     time_call,
 )
 
@@ -204,13 +205,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda was requested, but torch sees no CUDA device. Run on a GPU machine or use --device cpu.", file=sys.stderr)
+    device = prepare_run(args)
+    if device is None:
         return 2
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     load_before = os.getloadavg()
     start = time.perf_counter()
     rows = [bench_training(name, args, device) for name in args.model_names]

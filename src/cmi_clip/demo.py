@@ -2,10 +2,10 @@
 """`cmi-clip demo`: the whole method, offline, on real photographs with synthesized defects.
 
 The demo splits the categories of `cmi_clip.data.synthetic` into an auxiliary group (training) and a
-target group (zero-shot test) that share no category, trains a CMI-CLIP model with cross-view
-learning on defects synthesized on the fly for the auxiliary categories, evaluates it on a saved
-MVTec-layout test set of the target categories, repeats shorter runs for the ablations, and writes
-`report.md` with the metric tables and figure panels. The trained model is saved to `model/`.
+target group (zero-shot test) that share no category. It trains a CMI-CLIP model with cross-view
+learning on defects synthesized on the fly for the auxiliary categories and evaluates it on a saved
+MVTec-layout test set of the target categories. Shorter runs give the ablations, and `report.md`
+holds the metric tables and figure panels. The trained model is saved to `model/`.
 
 Without `--clip`, a small CLIP with random weights is built, because no pretrained weights can be
 downloaded offline. Random features carry no visual or language knowledge, so the vision tower is
@@ -138,8 +138,8 @@ def build_demo_model(config: DemoConfig, clip_path: str, use_cmi: bool = True, u
         loss_weights={"focal_alpha": 0.75},
     )
     if random_clip:
-        # The random text tower knows no words either way; keeping it fixed lets the embeddings of the
-        # prompts be cached, while the text adapters still learn.
+        # A random text tower encodes no word meaning either way. Keeping it fixed lets the prompt
+        # embeddings be cached, while the text adapters still learn.
         model.clip.text_model.requires_grad_(False)
         model.clip.text_projection.requires_grad_(False)
     return model
