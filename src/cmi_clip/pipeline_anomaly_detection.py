@@ -137,7 +137,7 @@ def wrap_clip_model(clip_model: Any) -> Any:
             "Pass the checkpoint path or Hub id instead, or use CMIClipModel.from_clip_pretrained(path)."
         )
         raise ValueError(msg)
-    logger.info("%s is a plain CLIP checkpoint: running training-free CMI-CLIP (untrained adapters, CMI gates at zero).", path)
+    logger.warning("%s is a plain CLIP checkpoint: running training-free CMI-CLIP (untrained adapters, CMI gates at zero).", path)
     return CMIClipModel.from_clip_pretrained(path, clip_kwargs={"dtype": clip_model.dtype})
 
 
@@ -177,7 +177,7 @@ def load_detector(model_or_path: Any, **kwargs: Any) -> Any:
         raise FileNotFoundError(msg) from error
     model_type = config_dict.get("model_type")
     if model_type == "clip":
-        logger.info("%s is a plain CLIP checkpoint: running training-free CMI-CLIP.", model_or_path)
+        logger.warning("%s is a plain CLIP checkpoint: running training-free CMI-CLIP.", model_or_path)
         model = CMIClipModel.from_clip_pretrained(model_or_path, clip_kwargs=kwargs or None)
     elif model_type == CMIClipModel.config_class.model_type:
         model = CMIClipModel.from_pretrained(model_or_path, **kwargs)

@@ -83,7 +83,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         logger.error("--batch-size %d is invalid; pass a positive number of images per forward pass.", args.batch_size)
         return 2
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        logger.error("--threshold %s is outside [0, 1]; scores are probabilities.", args.threshold)
+        return 2
     images, skipped = collect_images(args.inputs)
+    model = load_detector(args.model)
     output = Path(args.output)
     overlay_dir = output / "overlays"
     panel_dir = output / "panels"
@@ -91,10 +95,6 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.panels:
         panel_dir.mkdir(parents=True, exist_ok=True)
 
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        logger.error("--threshold %s is outside [0, 1]; scores are probabilities.", args.threshold)
-        return 2
-    model = load_detector(args.model)
     detector = AnomalyDetectionPipeline(model=model, device=args.device)
     call_kwargs: dict[str, Any] = {"category": args.category, "batch_size": args.batch_size}
     if args.threshold is not None:

@@ -137,10 +137,8 @@ def save_panel(
     from matplotlib.figure import Figure
 
     base = _to_rgb_image(image)
-    if ground_truth is None:
-        truth = np.zeros((base.height, base.width), dtype=np.float32)
-    else:
-        truth = (_resize_map(_to_array(ground_truth), base.size) > 0).astype(np.float32)
+    # Without a mask the tile says so, because an all-black tile would read as "no defect".
+    truth = None if ground_truth is None else (_resize_map(_to_array(ground_truth), base.size) > 0).astype(np.float32)
     top = [("Image", None), ("Ground truth", truth)]
     top += [
         ("Abnormality map", _resize_map(_to_array(abnormality_map), base.size)),
@@ -156,7 +154,9 @@ def save_panel(
         axis.axis("off")
     for column, (name, values) in enumerate(top):
         axis = axes[0, column]
-        if values is None:
+        if name == "Ground truth" and values is None:
+            axis.text(0.5, 0.5, "no ground truth", ha="center", va="center", fontsize=9, transform=axis.transAxes)
+        elif values is None:
             axis.imshow(base)
         elif name == "Ground truth":
             axis.imshow(values, cmap="gray", vmin=0.0, vmax=1.0)
