@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cmi_clip.demo import AUXILIARY_CATEGORIES, TARGET_CATEGORIES, DemoConfig, demo_prompts, run_demo
@@ -60,3 +61,22 @@ def test_short_demo_writes_report_and_model(tmp_path, single_thread):
     result = detector(Image.fromarray(np.full((40, 40, 3), 90, dtype=np.uint8)), category="gravel")
     assert result["anomaly_map"].size == (40, 40)
     assert result["label"] in {"normal", "anomalous"}
+
+
+def test_whitened_patch_embedding_decorrelates_patches(tiny_clip_dir):
+    from cmi_clip import CMIClipModel
+    from cmi_clip.demo import whiten_patch_embedding
+
+    model = CMIClipModel.from_clip_pretrained(tiny_clip_dir, freeze_clip=False)
+    before = model.clip.vision_model.embeddings.patch_embedding.weight.detach().clone()
+    whiten_patch_embedding(model, ["brick", "coins"], seed=0, crops_per_category=10, scale=1.0)
+    weight = model.clip.vision_model.embeddings.patch_embedding.weight.detach()
+    assert not torch.equal(weight, before)
+    count = min(weight.shape[0], weight[0].numel())
+    filters = weight[:count].reshape(count, -1)
+    # Whitened filters are orthogonal, with norms 1 / sqrt(eigenvalue + 0.01), largest eigenvalue first.
+    gram = filters @ filters.T
+    off_diagonal = gram - torch.diag(torch.diagonal(gram))
+    assert off_diagonal.abs().max() < 1e-3 * torch.diagonal(gram).max()
+    norms = filters.norm(dim=1)
+    assert torch.all(norms[:-1] <= norms[1:] + 1e-5)
