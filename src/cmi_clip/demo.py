@@ -5,7 +5,7 @@ The demo splits the categories of `cmi_clip.data.synthetic` into an auxiliary gr
 target group (zero-shot test) that share no category. It trains a CMI-CLIP model with cross-view
 learning on defects synthesized on the fly for the auxiliary categories and evaluates it on a saved
 MVTec-layout test set of the target categories. Shorter runs give the ablations, and `report.md`
-holds the metric tables and figure panels. The trained model is saved to `model/`.
+contains the metric tables and figure panels. The trained model is saved to `model/`.
 
 Without `--clip`, a small CLIP with random weights is built, because no pretrained weights can be
 downloaded offline. Random features carry no visual or language knowledge, so the vision tower is

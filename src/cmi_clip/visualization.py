@@ -137,7 +137,7 @@ def save_panel(
     from matplotlib.figure import Figure
 
     base = _to_rgb_image(image)
-    # Without a mask the tile says so, because an all-black tile would read as "no defect".
+    # Without a mask the tile shows a label, because an all-black tile would read as "no defect".
     truth = None if ground_truth is None else (_resize_map(_to_array(ground_truth), base.size) > 0).astype(np.float32)
     top = [("Image", None), ("Ground truth", truth)]
     top += [
