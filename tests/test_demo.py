@@ -26,7 +26,13 @@ def test_demo_prompts_name_kind_or_category():
     assert "anomalous astronaut face" in by_name["astronaut_face"]["abnormality"]
 
 
-def test_short_demo_writes_report_and_model(tmp_path, single_thread):
+def test_demo_rejects_zero_jobs():
+    with pytest.raises(ValueError, match="jobs=0"):
+        DemoConfig(jobs=0)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_short_demo_writes_report_and_model(tmp_path, single_thread, jobs):
     config = DemoConfig(
         output_dir=str(tmp_path / "demo"),
         image_size=32,
@@ -39,6 +45,8 @@ def test_short_demo_writes_report_and_model(tmp_path, single_thread):
         num_test_defect_per_kind=1,
         num_panels=2,
         num_workers=0,
+        jobs=jobs,
+        threads=1,
     )
     report = run_demo(config)
     text = report.read_text()
@@ -47,6 +55,9 @@ def test_short_demo_writes_report_and_model(tmp_path, single_thread):
     for row in ("| full (2 steps) |", "| no CMI (2 steps) |", "| no CVL (2 steps) |", "| untrained |"):
         assert row in text
     assert "gravel" in text
+    # Ablation runs in worker processes log to their own files instead of the console.
+    logs = sorted(path.parent.name for path in (tmp_path / "demo" / "runs").glob("*/train.log"))
+    assert logs == (["ablation_full", "ablation_no_cmi", "ablation_no_cvl"] if jobs > 1 else [])
     panels = sorted((tmp_path / "demo" / "panels").glob("*.png"))
     assert len(panels) == 2
     assert all(f"panels/{path.name}" in text for path in panels)

@@ -20,8 +20,11 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +65,10 @@ class DemoConfig:
         num_test_good: Normal test images per target category.
         num_test_defect_per_kind: Defective test images per target category and defect kind.
         num_panels: Test images drawn as figure panels.
-        num_workers: Data loader worker processes that synthesize training images.
+        num_workers: Data loader worker processes that synthesize training images in each run.
+        jobs: Training runs that execute at the same time, each in its own process; the main run
+            stays in this process and the ablation runs share `jobs - 1` worker processes.
+        threads: torch threads of each run; None divides the CPU cores evenly between the jobs.
     """
 
     output_dir: str = "demo_output"
@@ -78,7 +84,9 @@ class DemoConfig:
     num_test_good: int = 10
     num_test_defect_per_kind: int = 6
     num_panels: int = 4
-    num_workers: int = 1
+    num_workers: int = 0
+    jobs: int = 2
+    threads: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,6 +102,11 @@ class DemoConfig:
         if self.ablation_steps < 1:
             msg = f"ablation_steps={self.ablation_steps} is invalid; it must be a positive number of optimizer steps."
             raise ValueError(msg)
+        if self.jobs < 1:
+            msg = f"jobs={self.jobs} is invalid; it must be at least 1 (1 runs the training runs one after another)."
+            raise ValueError(msg)
+        if self.threads is None:
+            self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
 
 
 def demo_prompts(categories: list[str], use_kind: bool) -> dict[str, dict[str, str]]:
@@ -206,6 +219,33 @@ def train_run(config: DemoConfig, name: str, clip_path: str, steps: int, eval_da
     return results
 
 
+def _run_name(ablation: str) -> str:
+    return "ablation_" + ablation.replace(" ", "_").lower()
+
+
+def _ablation_in_worker(config: DemoConfig, ablation: str, clip_path: str, data_dir: str, options: dict[str, Any]) -> tuple[dict[str, float], float]:
+    """Train one ablation run in a worker process; return its mean metrics and its training time in seconds.
+
+    The worker's standard output and error go to `runs/<name>/train.log`, so that its progress bar
+    does not mix with the main run's on the console.
+    """
+    from .data import load_mvtec_ad
+
+    name = _run_name(ablation)
+    run_dir = Path(config.output_dir) / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(run_dir / "train.log", "w", encoding="utf-8") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, force=True)
+    torch.set_num_threads(config.threads)
+    eval_dataset = load_mvtec_ad(data_dir, categories=list(config.target_categories), split="test")
+    run = train_run(config, name, clip_path, config.ablation_steps, eval_dataset, **options)
+    return run["category_metrics"]["mean"], config.timings[name]
+
+
 def evaluate_untrained(config: DemoConfig, clip_path: str, eval_dataset: Any) -> dict[str, dict[str, float]]:
     """Metrics of the untrained model (adapters and CMI at their identity initialisation)."""
     from .evaluation import add_mean_row, evaluate_model
@@ -282,7 +322,7 @@ def write_report(config: DemoConfig, clip_description: str, main: dict[str, Any]
         f"{config.num_test_defect_per_kind} defective images per defect kind and category)",
         f"- Wall time: {wall_time / 60:.1f} minutes in all ("
         + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in config.timings.items())
-        + f"), torch threads: {torch.get_num_threads()}",
+        + f"); {config.jobs} run(s) at a time with {config.threads} torch thread(s) each",
         "",
     ]
     if random_clip:
@@ -381,12 +421,28 @@ def run_demo(config: DemoConfig) -> Path:
     )
     eval_dataset = load_mvtec_ad(data_dir, categories=list(config.target_categories), split="test")
 
-    # 3. Training runs: the main one, then the ablations with the same, shorter schedule.
-    main = train_run(config, "full", clip_path, config.steps, eval_dataset)
+    # 3. Training runs. The ablation runs start in worker processes; the main run trains here at the same time.
+    ablations = {"full": {}, "no CMI": {"use_cmi": False}, "no CVL": {"use_cvl": False}}
+    torch.set_num_threads(config.threads)
+    ablation_metrics: dict[str, dict[str, float]] = {}
+    if config.jobs > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=config.jobs - 1, mp_context=context) as pool:
+            futures = {name: pool.submit(_ablation_in_worker, config, name, clip_path, str(data_dir), options) for name, options in ablations.items()}
+            logger.info(
+                "%d ablation runs started in %d worker process(es); their logs go to %s",
+                len(futures), config.jobs - 1, output_dir / "runs" / "<name>" / "train.log",
+            )
+            main = train_run(config, "full", clip_path, config.steps, eval_dataset)
+            for name, future in futures.items():
+                ablation_metrics[name], config.timings[_run_name(name)] = future.result()
+    else:
+        main = train_run(config, "full", clip_path, config.steps, eval_dataset)
+        for name, options in ablations.items():
+            run = train_run(config, _run_name(name), clip_path, config.ablation_steps, eval_dataset, **options)
+            ablation_metrics[name] = run["category_metrics"]["mean"]
     rows = {f"full ({config.steps} steps)": main["category_metrics"]["mean"]}
-    for name, options in (("full", {}), ("no CMI", {"use_cmi": False}), ("no CVL", {"use_cvl": False})):
-        run = train_run(config, f"ablation_{name.replace(' ', '_').lower()}", clip_path, config.ablation_steps, eval_dataset, **options)
-        rows[f"{name} ({config.ablation_steps} steps)"] = run["category_metrics"]["mean"]
+    rows.update({f"{name} ({config.ablation_steps} steps)": metrics for name, metrics in ablation_metrics.items()})
     rows["untrained"] = evaluate_untrained(config, clip_path, eval_dataset)["mean"]
 
     # 4. Pictures and the report.
@@ -404,9 +460,9 @@ def _run(args: argparse.Namespace) -> int:
         ablation_steps=args.ablation_steps,
         seed=args.seed,
         num_workers=args.num_workers,
+        jobs=args.jobs,
+        threads=args.threads,
     )
-    threads = args.threads if args.threads else max(1, (os.cpu_count() or 1) - config.num_workers)
-    torch.set_num_threads(threads)
     report = run_demo(config)
     print(f"Report written to {report}")
     print(f"Trained model saved to {Path(config.output_dir) / 'model'}")
@@ -429,8 +485,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--steps", type=int, default=DemoConfig.steps, help=f"Optimizer steps of the main run (default: {DemoConfig.steps}).")
     parser.add_argument("--ablation-steps", type=int, default=None, help="Optimizer steps of each ablation run (default: a third of --steps).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data, initialisation and sample order (default: 0).")
-    parser.add_argument("--num-workers", type=int, default=1, help="Data loader processes that synthesize training images (default: 1).")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: CPU count minus workers, at least 1).")
+    parser.add_argument("--num-workers", type=int, default=0, help="Data loader processes per run that synthesize training images (default: 0, in the training process).")
+    parser.add_argument("--jobs", type=int, default=DemoConfig.jobs, help=f"Training runs at the same time, one process each (default: {DemoConfig.jobs}; 1 runs them in turn).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: CPU cores divided by --jobs, at least 1).")
     parser.set_defaults(func=_run)
     return parser
 
