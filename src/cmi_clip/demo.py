@@ -74,7 +74,7 @@ class DemoConfig:
     output_dir: str = "demo_output"
     clip: str | None = None
     image_size: int | None = None
-    steps: int = 1050
+    steps: int = 1800
     ablation_steps: int | None = None
     batch_size: int = 8
     learning_rate: float = 2e-3
