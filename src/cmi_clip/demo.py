@@ -66,8 +66,8 @@ class DemoConfig:
         num_test_defect_per_kind: Defective test images per target category and defect kind.
         num_panels: Test images drawn as figure panels.
         num_workers: Data loader worker processes that synthesize training images in each run.
-        jobs: Training runs that execute at the same time, each in its own process; the main run
-            stays in this process and the ablation runs share `jobs - 1` worker processes.
+        jobs: Training runs that execute at the same time, each in its own process. The main run
+            stays in this process, and the ablation runs share `jobs - 1` worker processes.
         threads: torch threads of each run; None divides the CPU cores evenly between the jobs.
     """
 
@@ -224,7 +224,7 @@ def _run_name(ablation: str) -> str:
 
 
 def _ablation_in_worker(config: DemoConfig, ablation: str, clip_path: str, data_dir: str, options: dict[str, Any]) -> tuple[dict[str, float], float]:
-    """Train one ablation run in a worker process; return its mean metrics and its training time in seconds.
+    """Train one ablation run in a worker process and return its mean metrics and its training time in seconds.
 
     The worker's standard output and error go to `runs/<name>/train.log`, so that its progress bar
     does not mix with the main run's on the console.
@@ -421,7 +421,7 @@ def run_demo(config: DemoConfig) -> Path:
     )
     eval_dataset = load_mvtec_ad(data_dir, categories=list(config.target_categories), split="test")
 
-    # 3. Training runs. The ablation runs start in worker processes; the main run trains here at the same time.
+    # 3. Training runs. The ablation runs start in worker processes, and the main run trains here meanwhile.
     ablations = {"full": {}, "no CMI": {"use_cmi": False}, "no CVL": {"use_cvl": False}}
     torch.set_num_threads(config.threads)
     ablation_metrics: dict[str, dict[str, float]] = {}
@@ -430,7 +430,7 @@ def run_demo(config: DemoConfig) -> Path:
         with ProcessPoolExecutor(max_workers=config.jobs - 1, mp_context=context) as pool:
             futures = {name: pool.submit(_ablation_in_worker, config, name, clip_path, str(data_dir), options) for name, options in ablations.items()}
             logger.info(
-                "%d ablation runs started in %d worker process(es); their logs go to %s",
+                "Started %d ablation runs in %d worker process(es), which log to %s",
                 len(futures), config.jobs - 1, output_dir / "runs" / "<name>" / "train.log",
             )
             main = train_run(config, "full", clip_path, config.steps, eval_dataset)
