@@ -52,6 +52,16 @@ def test_fallback_prompt_reads_underscores_as_words(tiny_model):
     assert sentences["normal_anchor"] == ["a photo of a normal rubber gasket."]
 
 
+def test_unknown_category_warning_names_fix(fresh_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="cmi_clip.prompt_bank"):
+        fresh_model.prompt_bank.prompts_for("object")
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert "'object' has no entry in the prompt bank" in messages[0]
+    assert "`--category` in `cmi-clip predict`" in messages[0]
+    assert "The bank has 27 categories: bottle, cable, candle" in messages[0]
+
+
 def test_cable_prompt_keeps_every_defect_type(tiny_model, tokenizer, caplog):
     text = tiny_model.config.prompts["cable"]["abnormality"]
     assert len(tokenizer(text, verbose=False)["input_ids"]) > 77

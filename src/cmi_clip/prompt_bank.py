@@ -173,12 +173,16 @@ class PromptBank:
         entry = self.config.prompts.get(key)
         if entry is None:
             if key not in self._warned_unknown:
+                bank_categories = sorted(self.config.prompts)
                 logger.warning(
                     "Category %r has no entry in the prompt bank, so generic prompts (%r / %r) are used. "
-                    "Pass prompts for it (a dict or a JSON file) for better results.",
+                    "Pass the product's category (`category=` in the pipeline, `--category` in `cmi-clip predict`) "
+                    "or prompts for it (a dict or a JSON file) for better results. The bank has %d categories: %s.",
                     category,
                     self.config.fallback_abnormality_template.format(words),
                     self.config.fallback_normality_template.format(words),
+                    len(bank_categories),
+                    ", ".join(bank_categories[:20]) + (", ..." if len(bank_categories) > 20 else ""),
                 )
                 self._warned_unknown.add(key)
             entry = {
