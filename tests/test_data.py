@@ -386,6 +386,19 @@ def test_load_dataset_auto_detects_layout(tmp_path, layout):
     assert dataset.features["label"].names == LABEL_NAMES
 
 
+@pytest.mark.parametrize("data_format", ["mvtec", "mvtec_ad"])
+def test_load_dataset_auto_mvtec_spellings(tmp_path, data_format):
+    make_mvtec(tmp_path)
+    dataset = load_dataset_auto(tmp_path, data_format=data_format)
+    assert len(dataset) == 3
+
+
+def test_load_dataset_auto_invalid_format(tmp_path):
+    make_mvtec(tmp_path)
+    with pytest.raises(ValueError, match=r"Invalid data_format 'mvtec-ad'; expected one of \['mvtec', 'visa', 'folder', 'hub', 'mvtec_ad'\]"):
+        load_dataset_auto(tmp_path, data_format="mvtec-ad")
+
+
 def test_load_dataset_auto_unknown_layout(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(ValueError, match="stuff/"):

@@ -349,7 +349,8 @@ def test_cli_trains_from_roots(tiny_clip_dir, tmp_path):
     eval_root = make_synthetic_dataset(tmp_path / "eval", ["coins"], image_size=32, num_train=0, num_test_good=1, num_test_defect_per_kind=1, defect_kinds=["hole"], seed=1)
     output_dir = tmp_path / "run"
     argv = ["train", "--clip_model", str(tiny_clip_dir), "--train_data", str(train_root), "--eval_data", str(eval_root),
-            "--batch_size", "2", "--max_steps", "2", "--output_dir", str(output_dir), "--report_to", "tensorboard", "--logging_steps", "1"]
+            "--batch_size", "2", "--max_steps", "2", "--output_dir", str(output_dir), "--report_to", "tensorboard", "--logging_steps", "1",
+            "--data_format", "mvtec_ad"]
     assert main(argv) == 0
 
     event_files = list((output_dir / "logs").rglob("events.out.tfevents.*"))

@@ -350,9 +350,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--data", required=True, help="Root folder of the data set.")
     parser.add_argument(
         "--data-format",
-        choices=["auto", "mvtec", "visa", "folder"],
+        choices=["auto", "mvtec", "mvtec_ad", "visa", "folder"],
         default="auto",
-        help="Layout of the data set: MVTec AD, VisA, or a generic folder tree. Default: auto (detected from the layout).",
+        help=(
+            "Layout of the data set: MVTec AD (mvtec or mvtec_ad), VisA, or a generic folder tree. "
+            "Default: auto (detected from the layout)."
+        ),
     )
     parser.add_argument(
         "--categories", nargs="+", default=None, metavar="NAME", help="Categories to evaluate, space- or comma-separated. Default: all."

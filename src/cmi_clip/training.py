@@ -85,7 +85,7 @@ class TrainConfig:
             no model.
         train_data: Root of the training data set (MVTec AD, VisA or image-folder layout).
         eval_data: Root of the evaluation data set.
-        data_format: Layout of both roots (`"mvtec_ad"`, `"visa"`, `"folder"`); None detects it per root.
+        data_format: Layout of both roots (`"mvtec"` or `"mvtec_ad"`, `"visa"`, `"folder"`, `"hub"`); None detects it per root.
         train_split: Split of `train_data` to train on. The zero-shot protocol trains on the test split,
             because it contains the defective images with masks.
         eval_split: Split of `eval_data` to evaluate on.
@@ -888,7 +888,12 @@ def build_train_argument_parser(parser: argparse.ArgumentParser) -> argparse.Arg
     data = parser.add_argument_group("data")
     data.add_argument("--train_data", default=None, help="Root of the training data set (for example VisA).")
     data.add_argument("--eval_data", default=None, help="Root of the zero-shot evaluation data set (for example MVTec AD).")
-    data.add_argument("--data_format", default=None, choices=["mvtec_ad", "visa", "folder"], help="Layout of both roots; default: detected per root.")
+    data.add_argument(
+        "--data_format",
+        default=None,
+        choices=["mvtec", "mvtec_ad", "visa", "folder", "hub"],
+        help="Layout of both roots (mvtec and mvtec_ad are the same layout); default: detected per root.",
+    )
     data.add_argument("--train_split", default=defaults.train_split, help="Split of the training data to train on (default: %(default)s).")
     data.add_argument("--eval_split", default=defaults.eval_split, help="Split of the evaluation data (default: %(default)s).")
     data.add_argument("--train_categories", type=split_names, default=None, help="Comma-separated training categories; default: all.")

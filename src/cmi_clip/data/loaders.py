@@ -587,6 +587,8 @@ def load_image_folder(
 # ----------------------------------------------------------------------------------------------
 
 DATA_FORMATS: tuple[str, ...] = ("mvtec", "visa", "folder", "hub")
+# Other accepted spellings of a format, such as the data set's own name.
+DATA_FORMAT_ALIASES: dict[str, str] = {"mvtec_ad": "mvtec"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -636,7 +638,7 @@ def load_dataset_auto(
 
     Args:
         root_or_id: Local folder, or a Hub data set id such as `"user/mvtec_ad"`.
-        data_format: `"mvtec"`, `"visa"`, `"folder"` or `"hub"`; None detects it. A folder with
+        data_format: `"mvtec"` (or `"mvtec_ad"`), `"visa"`, `"folder"` or `"hub"`; None detects it. A folder with
             `split_csv/1cls.csv` is VisA, one whose subfolders have `train/` or `test/` is MVTec AD
             (a single MVTec category folder also works), and one with `good/` folders is an image folder.
             A string that is not an existing path is a Hub id.
@@ -652,8 +654,12 @@ def load_dataset_auto(
         FileNotFoundError: If a local path does not exist.
         ValueError: If the layout cannot be detected or `data_format` is invalid.
     """
+    data_format = DATA_FORMAT_ALIASES.get(data_format, data_format)
     if data_format is not None and data_format not in DATA_FORMATS:
-        msg = f"Invalid data_format {data_format!r}; expected one of {list(DATA_FORMATS)} or None to detect it."
+        msg = (
+            f"Invalid data_format {data_format!r}; expected one of {[*DATA_FORMATS, *DATA_FORMAT_ALIASES]} "
+            "or None to detect it."
+        )
         raise ValueError(msg)
     path = Path(root_or_id).expanduser()
     if data_format == "hub" or (data_format is None and not path.exists()):
