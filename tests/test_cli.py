@@ -209,3 +209,12 @@ def test_missing_model_folder_is_named(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
     assert main(["predict", "--model", str(missing), str(image), "--output", str(tmp_path / "out")]) == 2
     assert f"Model folder {missing} was not found" in capsys.readouterr().err
+
+
+def test_missing_relative_model_folder_skips_hub(tmp_path, capsys, monkeypatch):
+    """`outputs/model` has the form of a Hub id, but with ./outputs present it is a local folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    assert main(["predict", "--model", "outputs/model", "image.png", "--output", "out"]) == 2
+    assert "Model folder outputs/model was not found" in capsys.readouterr().err

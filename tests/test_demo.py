@@ -26,9 +26,29 @@ def test_demo_prompts_name_kind_or_category():
     assert "anomalous astronaut face" in by_name["astronaut_face"]["abnormality"]
 
 
-def test_demo_rejects_zero_jobs():
-    with pytest.raises(ValueError, match="jobs=0"):
-        DemoConfig(jobs=0)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"jobs": 0}, "jobs=0 is invalid"),
+        ({"threads": 0}, "threads=0 is invalid"),
+        ({"num_workers": -1}, "num_workers=-1 is invalid"),
+        ({"image_size": 8}, "image_size=8 is invalid"),
+        ({"image_size": 66}, "image_size=66 is invalid"),
+        ({"steps": -5}, "steps=-5 is invalid"),
+    ],
+)
+def test_demo_config_rejects_invalid_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        DemoConfig(**options)
+
+
+def test_demo_cli_rejects_zero_threads(tmp_path, capsys):
+    from cmi_clip.cli import main
+
+    output_dir = tmp_path / "demo"
+    assert main(["demo", "--output", str(output_dir), "--threads", "0"]) == 2
+    assert "threads=0 is invalid" in capsys.readouterr().err
+    assert not output_dir.exists()
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

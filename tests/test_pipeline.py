@@ -211,6 +211,25 @@ def test_missing_file_rejected(detector, tmp_path):
         detector(str(tmp_path / "missing.png"))
 
 
+def test_text_file_as_png_rejected(detector, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    with pytest.raises(OSError, match="does not recognise its format") as raised:
+        detector(str(fake))
+    assert str(fake) in str(raised.value)
+    assert "Pass a PNG, JPEG, BMP or TIFF image" in str(raised.value)
+
+
+def test_truncated_png_rejected(detector, tmp_path):
+    whole = tmp_path / "whole.png"
+    random_rgb(64, 64, seed=3).save(whole)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(whole.read_bytes()[:300])
+    with pytest.raises(OSError, match="could not be decoded") as raised:
+        detector(str(truncated))
+    assert "probably damaged" in str(raised.value)
+
+
 # ---------------------------------------------------------------- call arguments
 
 

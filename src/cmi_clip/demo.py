@@ -107,6 +107,18 @@ class DemoConfig:
             raise ValueError(msg)
         if self.threads is None:
             self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        if self.threads < 1:
+            msg = f"threads={self.threads} is invalid; it must be a positive number of torch threads per run, or None to divide the cores."
+            raise ValueError(msg)
+        if self.num_workers < 0:
+            msg = f"num_workers={self.num_workers} is invalid; it must be 0 (synthesize in the training process) or more."
+            raise ValueError(msg)
+        if self.image_size is not None and (self.image_size < 16 or (self.clip is None and self.image_size % 4)):
+            msg = (
+                f"image_size={self.image_size} is invalid; it must be at least 16 pixels and, for the random CLIP, "
+                "a multiple of its 4-pixel patch size (64 is the default)."
+            )
+            raise ValueError(msg)
 
 
 def demo_prompts(categories: list[str], use_kind: bool) -> dict[str, dict[str, str]]:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from transformers import Pipeline
 from transformers.utils import logging
 
@@ -91,6 +91,8 @@ def load_image(image: Any, timeout: float | None = None) -> Image.Image:
 
     Raises:
         FileNotFoundError: A path does not exist.
+        PIL.UnidentifiedImageError: The file is not in an image format that Pillow reads.
+        OSError: The file is damaged, for example truncated.
         TypeError: The input is of another type.
     """
     if isinstance(image, Image.Image):
@@ -104,13 +106,24 @@ def load_image(image: Any, timeout: float | None = None) -> Image.Image:
         if source.startswith(("http://", "https://")):
             with urllib.request.urlopen(source, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
                 data = response.read()
-            opened = Image.open(io.BytesIO(data))
+            stream: Any = io.BytesIO(data)
         elif os.path.isfile(source):
-            opened = Image.open(source)
+            stream = source
         else:
             msg = f"Image file {source!r} was not found. Pass an existing path, an http(s) URL, a PIL image or an array."
             raise FileNotFoundError(msg)
-        opened.load()
+        try:
+            opened = Image.open(stream)
+            opened.load()
+        except UnidentifiedImageError as error:
+            msg = (
+                f"Image file {source!r} could not be read because Pillow does not recognise its format ({error}). "
+                "Pass a PNG, JPEG, BMP or TIFF image, or check that the file is not damaged."
+            )
+            raise UnidentifiedImageError(msg) from error
+        except OSError as error:
+            msg = f"Image file {source!r} could not be decoded ({error}), so it is probably damaged. Replace or re-export it."
+            raise OSError(msg) from error
         return opened
     msg = f"Unsupported image input of type {type(image).__name__}. Pass a path, an http(s) URL, a PIL image or a numpy array."
     raise TypeError(msg)
@@ -164,6 +177,8 @@ def load_detector(model_or_path: Any, **kwargs: Any) -> Any:
 
     path = os.fspath(model_or_path)
     looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    # "outputs/model" has the form of a Hub id, but when ./outputs exists it names a local folder.
+    looks_local = looks_local or ("/" in path and os.path.isdir(path.split("/")[0]))
     if looks_local and not os.path.isdir(path):
         msg = f"Model folder {path} was not found. Pass a saved CMI-CLIP model folder, a CLIP checkpoint folder, or a Hub id."
         raise FileNotFoundError(msg)
