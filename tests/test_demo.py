@@ -63,6 +63,7 @@ def test_short_demo_writes_report_and_model(tmp_path, single_thread, jobs):
         target_categories=("gravel",),
         num_test_good=2,
         num_test_defect_per_kind=1,
+        num_calibration_good=3,
         num_panels=2,
         num_workers=0,
         jobs=jobs,
@@ -85,6 +86,16 @@ def test_short_demo_writes_report_and_model(tmp_path, single_thread, jobs):
     summary = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert set(summary["ablations"]) == {"full (4 steps)", "full (2 steps)", "no CMI (2 steps)", "no CVL (2 steps)", "untrained"}
     assert 0.0 <= summary["main"]["category_metrics"]["gravel"]["pixel_auroc"] <= 1.0
+
+    # The target category gets its own threshold from 3 normal calibration images, above all their scores.
+    assert "## Decision thresholds" in text
+    [threshold_row] = summary["thresholds"]
+    assert threshold_row["category"] == "gravel"
+    assert threshold_row["num_calibration"] == 3
+    assert threshold_row["num_normal"] == 2
+    model_config = json.loads((tmp_path / "demo" / "model" / "config.json").read_text())
+    assert model_config["category_thresholds"] == {"gravel": threshold_row["own_threshold"]}
+    assert f"| gravel | {threshold_row['pooled_threshold']:.4f} | {threshold_row['own_threshold']:.4f} |" in text
 
     from transformers import pipeline
 

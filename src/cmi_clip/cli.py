@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cmi_clip.training", "Train the CMI heads on one data set and evaluate zero-shot on another."),
     "evaluate": ("cmi_clip.evaluation", "Score a data set and print the per-category metric table."),
     "predict": ("cmi_clip.predict", "Score images or folders and write scores, labels and overlays."),
+    "calibrate": ("cmi_clip.calibrate", "Set a product's decision threshold from images of its good parts."),
     "make-demo-data": ("cmi_clip.data.synthetic", "Write an MVTec-layout data set of real photos with synthesized defects."),
     "convert-clip": ("cmi_clip.convert", "Convert an OpenAI or OpenCLIP checkpoint into a transformers CLIP folder."),
 }

@@ -86,6 +86,9 @@ class CMIClipConfig(PretrainedConfig):
         decision_threshold (`float`, *optional*, defaults to 0.5):
             Image score at or above which an image is labelled anomalous; also the pixel threshold of
             the binary mask. Training calibrates it on evaluation data.
+        category_thresholds (`dict[str, float]`, *optional*):
+            Image-score thresholds of single categories, which replace `decision_threshold` for images of
+            that category. `cmi-clip calibrate` sets one from normal images of the product.
         clip_name_or_path (`str`, *optional*):
             Where the CLIP weights came from, recorded for model cards.
 
@@ -132,6 +135,7 @@ class CMIClipConfig(PretrainedConfig):
         loss_weights: dict[str, float] | None = None,
         freeze_clip: bool = True,
         decision_threshold: float = 0.5,
+        category_thresholds: dict[str, float] | None = None,
         clip_name_or_path: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -202,7 +206,7 @@ class CMIClipConfig(PretrainedConfig):
         self.image_score_top_k = image_score_top_k
         self.image_score_map_weight = image_score_map_weight
         self.prompt_sets = list(prompt_sets) if prompt_sets is not None else list(DEFAULT_PROMPT_SETS)
-        from .prompt_bank import load_builtin_prompts, load_prompts
+        from .prompt_bank import load_builtin_prompts, load_prompts, normalize_category
 
         self.prompts = load_builtin_prompts(self.prompt_sets) if prompts is None else load_prompts(prompts)
         self.fallback_abnormality_template = fallback_abnormality_template
@@ -217,6 +221,7 @@ class CMIClipConfig(PretrainedConfig):
         self.loss_weights = dict(loss_weights) if loss_weights else {}
         self.freeze_clip = freeze_clip
         self.decision_threshold = decision_threshold
+        self.category_thresholds = {normalize_category(name): float(value) for name, value in (category_thresholds or {}).items()}
         self.clip_name_or_path = clip_name_or_path
         custom_pipelines = kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
@@ -229,6 +234,16 @@ class CMIClipConfig(PretrainedConfig):
 
             if any(task not in PIPELINE_REGISTRY.supported_tasks for task in custom_pipelines):
                 self.custom_pipelines = custom_pipelines
+
+    def threshold_for(self, category: str | None) -> float:
+        """Return the image-score threshold of `category`: its entry in `category_thresholds`, else `decision_threshold`."""
+        from .prompt_bank import normalize_category
+
+        if category is not None:
+            key = normalize_category(category)
+            if key in self.category_thresholds:
+                return self.category_thresholds[key]
+        return float(self.decision_threshold)
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -38,7 +38,7 @@ AUXILIARY_CATEGORIES = (
     "brick", "grass", "moon", "retina", "hubble_deep_field", "coins", "rocket", "camera", "astronaut_face", "chelsea",
 )
 TARGET_CATEGORIES = ("gravel", "immunohistochemistry", "coffee")
-REPORT_METRICS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "pixel_f1_max", "image_auroc", "image_ap", "image_f1_max")
+REPORT_METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 
 ABNORMALITY_TEMPLATE = (
     "A photo of a anomalous {} for visual inspection with the following appearance: Scratch: thin bright or dark line; "
@@ -64,6 +64,8 @@ class DemoConfig:
         target_categories: Zero-shot test categories; must not overlap the auxiliary ones.
         num_test_good: Normal test images per target category.
         num_test_defect_per_kind: Defective test images per target category and defect kind.
+        num_calibration_good: Normal images per target category, apart from the test images, from which
+            each target category gets its own decision threshold (`cmi-clip calibrate`).
         num_panels: Test images drawn as figure panels.
         num_workers: Data loader worker processes that synthesize training images in each run.
         jobs: Training runs that execute at the same time, each in its own process. The main run
@@ -83,6 +85,7 @@ class DemoConfig:
     target_categories: tuple[str, ...] = TARGET_CATEGORIES
     num_test_good: int = 10
     num_test_defect_per_kind: int = 6
+    num_calibration_good: int = 10
     num_panels: int = 4
     num_workers: int = 0
     jobs: int = 2
@@ -300,6 +303,54 @@ def save_panels(config: DemoConfig, model: Any, eval_dataset: Any) -> list[Path]
     return paths
 
 
+def calibrate_target_thresholds(config: DemoConfig, model: Any, data_dir: Path, eval_dataset: Any) -> list[dict[str, Any]]:
+    """Give each target category its own threshold from its normal calibration images, and count the test labels.
+
+    The thresholds are written into `model/config.json`. Each returned row has the category, both
+    thresholds, and how many normal and defective test images each threshold labels anomalous.
+    """
+    from .calibrate import calibrate_category_threshold, write_category_threshold
+    from .data import load_mvtec_ad
+    from .evaluation import evaluate_model
+    from .pipeline_anomaly_detection import AnomalyDetectionPipeline
+
+    model.eval()
+    pooled = float(model.config.decision_threshold)
+    _, records = evaluate_model(model, eval_dataset, batch_size=32, show_progress=False)
+    calibration = load_mvtec_ad(data_dir, categories=list(config.target_categories), split="train")
+    detector = AnomalyDetectionPipeline(model=model, device="cpu")
+    rows = []
+    for category in config.target_categories:
+        images = [row["image"] for row in calibration if row["category"] == category]
+        own, _ = calibrate_category_threshold(detector, images, category, batch_size=32)
+        write_category_threshold(Path(config.output_dir) / "model", category, own)
+        test = [record for record in records if record["category"] == category]
+        row: dict[str, Any] = {"category": category, "pooled_threshold": pooled, "own_threshold": own, "num_calibration": len(images)}
+        for label, name in ((0, "normal"), (1, "defective")):
+            scores = [record["score"] for record in test if record["label"] == label]
+            row[f"num_{name}"] = len(scores)
+            row[f"{name}_flagged_pooled"] = sum(score >= pooled for score in scores)
+            row[f"{name}_flagged_own"] = sum(score >= own for score in scores)
+        rows.append(row)
+    return rows
+
+
+def threshold_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the pooled and per-category thresholds and the test images each labels anomalous."""
+    lines = [
+        "| Category | Pooled threshold | Own threshold | Normal labelled anomalous (pooled) | Normal labelled anomalous (own) "
+        "| Defective labelled anomalous (pooled) | Defective labelled anomalous (own) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['category']} | {row['pooled_threshold']:.4f} | {row['own_threshold']:.4f} "
+            f"| {row['normal_flagged_pooled']} of {row['num_normal']} | {row['normal_flagged_own']} of {row['num_normal']} "
+            f"| {row['defective_flagged_pooled']} of {row['num_defective']} | {row['defective_flagged_own']} of {row['num_defective']} |"
+        )
+    return "\n".join(lines)
+
+
 def _percent(value: Any) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * float(value):.1f}"
 
@@ -309,13 +360,21 @@ def ablation_table(rows: dict[str, dict[str, Any]]) -> str:
     from .metrics import METRIC_TITLES
 
     header = "| Run | " + " | ".join(METRIC_TITLES[key] for key in REPORT_METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(REPORT_METRICS) + 1)]
+    lines = [header, "|---|" + "---:|" * len(REPORT_METRICS)]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_percent(metrics.get(key)) for key in REPORT_METRICS) + " |")
     return "\n".join(lines)
 
 
-def write_report(config: DemoConfig, clip_description: str, main: dict[str, Any], rows: dict[str, dict[str, Any]], panels: list[Path], wall_time: float) -> Path:
+def write_report(
+    config: DemoConfig,
+    clip_description: str,
+    main: dict[str, Any],
+    rows: dict[str, dict[str, Any]],
+    thresholds: list[dict[str, Any]],
+    panels: list[Path],
+    wall_time: float,
+) -> Path:
     """Write `report.md` and `report.json` into the output folder."""
     from .metrics import format_metrics_table
 
@@ -362,6 +421,17 @@ def write_report(config: DemoConfig, clip_description: str, main: dict[str, Any]
         "",
         ablation_table(rows),
         "",
+        "## Decision thresholds",
+        "",
+        "The pipeline labels an image anomalous when its score reaches a threshold. Training set one threshold for all",
+        f"categories ({main['decision_threshold']:.4f}), the one with the best image F1 over the pooled test images of the target",
+        "categories. Image scores sit at different levels for different categories, so each target category also gets its",
+        "own threshold from normal images alone, as `cmi-clip calibrate` sets it from good parts of a new product: just above",
+        f"the highest score of {config.num_calibration_good} normal images in `data/<category>/train/good`, which are not test",
+        "images. The own thresholds are stored in `model/config.json` (`category_thresholds`), and the pipeline uses them.",
+        "",
+        threshold_table(thresholds),
+        "",
         "## Panels",
         "",
         "Each panel shows the image, the ground truth, the abnormality map, the normality map and the fused map; the second",
@@ -388,6 +458,7 @@ def write_report(config: DemoConfig, clip_description: str, main: dict[str, Any]
         "clip": clip_description,
         "main": {"steps": config.steps, "category_metrics": main["category_metrics"], "decision_threshold": main["decision_threshold"]},
         "ablations": rows,
+        "thresholds": thresholds,
         "timings_seconds": config.timings,
         "wall_time_seconds": wall_time,
     }
@@ -421,12 +492,13 @@ def run_demo(config: DemoConfig) -> Path:
         clip_description = f"`{config.clip}` (pretrained weights, frozen)"
     logger.info("Demo backbone: %s", clip_description)
 
-    # 2. The zero-shot test set: target categories only, saved in the MVTec AD layout.
+    # 2. The zero-shot test set: target categories only, saved in the MVTec AD layout, with a few normal
+    # training images per category that only calibrate the per-category thresholds.
     data_dir = make_synthetic_dataset(
         output_dir / "data",
         categories=list(config.target_categories),
         image_size=max(config.image_size, 64),
-        num_train=0,
+        num_train=config.num_calibration_good,
         num_test_good=config.num_test_good,
         num_test_defect_per_kind=config.num_test_defect_per_kind,
         seed=config.seed + 1000,
@@ -457,9 +529,10 @@ def run_demo(config: DemoConfig) -> Path:
     rows.update({f"{name} ({config.ablation_steps} steps)": metrics for name, metrics in ablation_metrics.items()})
     rows["untrained"] = evaluate_untrained(config, clip_path, eval_dataset)["mean"]
 
-    # 4. Pictures and the report.
+    # 4. Per-category thresholds, pictures and the report.
+    thresholds = calibrate_target_thresholds(config, main["model"], data_dir, eval_dataset)
     panels = save_panels(config, main["model"], eval_dataset)
-    report = write_report(config, clip_description, main, rows, panels, time.perf_counter() - started)
+    report = write_report(config, clip_description, main, rows, thresholds, panels, time.perf_counter() - started)
     return report
 
 

@@ -57,6 +57,28 @@ def optimal_f1_threshold(scores: Sequence[float] | np.ndarray, labels: Sequence[
     return float(thresholds[best]), float(f1[best])
 
 
+def normal_score_threshold(scores: Sequence[float] | np.ndarray, false_positive_rate: float = 0.0) -> float:
+    """Find the lowest image-score threshold that labels at most `false_positive_rate` of normal images anomalous.
+
+    Args:
+        scores: Image anomaly scores of normal images (N,), at least one.
+        false_positive_rate: Allowed fraction of the normal images at or above the threshold, in [0, 1).
+            0 puts the threshold just above the highest score, so every given image is labelled normal.
+
+    Returns:
+        The threshold. With N images, `floor(false_positive_rate * N)` of them score at or above it.
+    """
+    scores = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if scores.size == 0:
+        msg = "No normal image scores were given; pass at least one score to set a threshold."
+        raise ValueError(msg)
+    if not 0.0 <= false_positive_rate < 1.0:
+        msg = f"false_positive_rate={false_positive_rate} is invalid; it must be in [0, 1)."
+        raise ValueError(msg)
+    allowed = math.floor(false_positive_rate * scores.size)
+    return float(np.nextafter(scores[allowed], np.inf))
+
+
 def _column(dataset: Any, name: str) -> list[Any]:
     """Read one column of a `datasets.Dataset`, or the field of every item of another sequence."""
     column_names = getattr(dataset, "column_names", None)
@@ -375,4 +397,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-__all__ = ["add_mean_row", "add_parser", "calibrate_threshold", "evaluate_model", "optimal_f1_threshold", "run_evaluate"]
+__all__ = [
+    "add_mean_row",
+    "add_parser",
+    "calibrate_threshold",
+    "evaluate_model",
+    "normal_score_threshold",
+    "optimal_f1_threshold",
+    "run_evaluate",
+]

@@ -220,7 +220,8 @@ class AnomalyDetectionPipeline(Pipeline):
         category (`str` or `list[str]`, *optional*): Product category of the images, or one per image.
             Defaults to "object" (the generic prompts).
         threshold (`float`, *optional*): Score at and above which an image is "anomalous" and a pixel is
-            in `mask`. Defaults to `model.config.decision_threshold`.
+            in `mask`. Defaults to the category's entry in `model.config.category_thresholds`, else
+            `model.config.decision_threshold`.
         mask_threshold (`float`, *optional*): Pixel threshold for `mask` only. Defaults to `threshold`.
         return_branch_maps (`bool`, *optional*, defaults to `False`): Also return the abnormality and
             normality branch maps.
@@ -350,6 +351,7 @@ class AnomalyDetectionPipeline(Pipeline):
             "abnormality_map": outputs.abnormality_map,
             "normality_map": outputs.normality_map,
             "original_size": model_inputs["original_size"],
+            "category": [categories] if isinstance(categories, str) else list(categories),
         }
         if output_attentions and outputs.attentions:
             # The base class splits batched outputs along the first axis of each tensor, so the per-layer
@@ -369,7 +371,10 @@ class AnomalyDetectionPipeline(Pipeline):
         return_branch_maps: bool = False,
     ) -> dict[str, Any]:
         if threshold is None:
-            threshold = float(self.model.config.decision_threshold)
+            category = model_outputs.get("category")
+            if isinstance(category, (list, tuple)):
+                category = category[0]
+            threshold = self.model.config.threshold_for(category)
         if mask_threshold is None:
             mask_threshold = threshold
         height, width = (int(side) for side in model_outputs["original_size"].reshape(-1, 2)[0])

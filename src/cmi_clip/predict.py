@@ -48,9 +48,25 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[tuple[Path, Path]
     return images, skipped
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Yield consecutive slices of `items` with `size` elements, the last one possibly shorter."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def load_readable(batch: Sequence[tuple[Path, Path]], skipped: list[tuple[str, str]]) -> list[tuple[Path, Path, Image.Image]]:
+    """Open the `(path, relative)` pairs of `batch` as RGB images; unreadable files are logged and appended to `skipped`."""
+    from .pipeline_anomaly_detection import load_image
+    from .processing_cmi_clip import to_rgb
+
+    loaded = []
+    for path, relative in batch:
+        try:
+            loaded.append((path, relative, to_rgb(load_image(path))))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+            skipped.append((str(path), f"unreadable: {error}"))
+            logger.warning("Skipping %s: %s", path, error)
+    return loaded
 
 
 def _output_name(relative: Path, used: set[str]) -> str:
@@ -76,8 +92,7 @@ def _write_table(path: Path, rows: list[dict[str, Any]], table_format: str) -> N
 
 def run_predict(args: argparse.Namespace) -> int:
     """Score the images named by `args` and write the outputs; return 0, or 1 when no image was scored."""
-    from .pipeline_anomaly_detection import DEFAULT_CATEGORY, AnomalyDetectionPipeline, load_detector, load_image
-    from .processing_cmi_clip import to_rgb
+    from .pipeline_anomaly_detection import DEFAULT_CATEGORY, AnomalyDetectionPipeline, load_detector
     from .visualization import overlay_heatmap, save_panel
 
     if args.batch_size < 1:
@@ -105,14 +120,8 @@ def run_predict(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     used_names: set[str] = set()
     progress = tqdm(total=len(images), desc="predict", unit="image")
-    for batch in _batches(images, args.batch_size):
-        loaded = []
-        for path, relative in batch:
-            try:
-                loaded.append((path, relative, to_rgb(load_image(path))))
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-                skipped.append((str(path), f"unreadable: {error}"))
-                logger.warning("Skipping %s: %s", path, error)
+    for batch in iter_batches(images, args.batch_size):
+        loaded = load_readable(batch, skipped)
         if loaded:
             results = detector([image for _, _, image in loaded], **call_kwargs)
             for (path, relative, image), result in zip(loaded, results):
@@ -173,7 +182,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--threshold",
         type=float,
         default=None,
-        help="Image score in [0, 1] at and above which an image is labelled anomalous. Default: the model's decision_threshold.",
+        help=(
+            "Image score in [0, 1] at and above which an image is labelled anomalous. Default: the model's threshold "
+            "for --category (set by cmi-clip calibrate), else its decision_threshold."
+        ),
     )
     parser.add_argument("--batch-size", type=int, default=8, help="Images per model forward pass. Default: 8.")
     parser.add_argument("--format", choices=["csv", "json"], default="csv", help="Format of the predictions table. Default: csv.")
@@ -185,4 +197,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-__all__ = ["add_parser", "collect_images", "run_predict"]
+__all__ = ["add_parser", "collect_images", "iter_batches", "load_readable", "run_predict"]
