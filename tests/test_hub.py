@@ -64,6 +64,7 @@ def test_in_memory_config_unchanged(tiny_model, saved_folder):
 
 def test_model_card_metadata(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_model.config, "clip_name_or_path", "openai/clip-vit-base-patch16")
+    monkeypatch.setattr(tiny_model.config, "category_thresholds", {"screw": 0.61234, "bottle": 0.7})
     write_model_card(
         tiny_model,
         tmp_path,
@@ -100,6 +101,8 @@ def test_model_card_metadata(tiny_model, tmp_path, monkeypatch):
     assert "openai/clip-vit-base-patch16" in text
     assert 'pipeline("anomaly-detection", model="someone/cmi-clip-test", trust_remote_code=True)' in text
     assert "| bottle | 91.0 |" in text
+    assert "replace the decision threshold for these categories):** bottle 0.7000, screw 0.6123" in text
+    assert "cmi-clip calibrate --model FOLDER --category NAME good_parts/" in text
 
 
 def test_model_card_local_clip_path(tiny_model):
@@ -111,6 +114,7 @@ def test_model_card_local_clip_path(tiny_model):
     assert "model-index" not in data
     assert tiny_model.config.clip_name_or_path in card.text
     assert "No evaluation results" in card.text
+    assert "replace the decision threshold for these categories):** none" in card.text
 
 
 class RecordingHfApi:

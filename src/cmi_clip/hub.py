@@ -201,6 +201,7 @@ def build_model_card(
         cvl_description="on" if config.use_cvl else "off",
         fusion_weight=config.fusion_weight if not config.learn_fusion_weight else "learned",
         decision_threshold=config.decision_threshold,
+        category_thresholds=", ".join(f"{name} {value:.4f}" for name, value in sorted(config.category_thresholds.items())) or "none",
         threshold_origin="calibrated on validation data" if threshold_calibrated else "not calibrated (the default 0.5 or a value set by hand)",
         prompt_sets=", ".join(config.prompt_sets) or "none",
         transformers_version=_package_version("transformers"),
