@@ -111,7 +111,7 @@ class DemoConfig:
         if self.threads is None:
             self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
         if self.threads < 1:
-            msg = f"threads={self.threads} is invalid; it must be a positive number of torch threads per run, or None to divide the cores."
+            msg = f"threads={self.threads} is invalid; it must be a positive number of torch threads per run, or left unset to divide the cores."
             raise ValueError(msg)
         if self.num_workers < 0:
             msg = f"num_workers={self.num_workers} is invalid; it must be 0 (synthesize in the training process) or more."
