@@ -304,6 +304,18 @@ def test_cli_and_example_share_options():
     assert config_from_args(example_args) == config
 
 
+def test_train_options_accept_hyphens():
+    underscores = ["train", "--clip_model", "clip", "--train_data", "a", "--data_format", "mvtec_ad", "--max_steps", "3",
+                   "--train_clip", "--no_calibrate_threshold", "--focal_alpha", "0.5"]
+    hyphens = ["train", "--clip-model", "clip", "--train-data", "a", "--data-format", "mvtec_ad", "--max-steps", "3",
+               "--train-clip", "--no-calibrate-threshold", "--focal-alpha", "0.5"]
+    parser = build_parser("train")
+    expected = config_from_args(parser.parse_args(underscores))
+    assert config_from_args(parser.parse_args(hyphens)) == expected
+    assert expected.max_steps == 3
+    assert expected.calibrate_threshold is False
+
+
 def test_config_rejects_invalid_values():
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)

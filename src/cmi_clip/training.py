@@ -871,68 +871,72 @@ def train(
 def build_train_argument_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the training options to `parser` (shared by `cmi-clip train` and `examples/train.py`).
 
+    Every option with an underscore is also accepted with hyphens (`--clip_model` or `--clip-model`),
+    the spelling of the other `cmi-clip` subcommands.
+
     Mixed precision, the device and the number of processes are set by `accelerate launch`
     (`--mixed_precision bf16`, `--cpu`, `--num_processes N`), not here.
     """
     defaults = TrainConfig()
     model = parser.add_argument_group("model")
-    model.add_argument("--clip_model", default=None, help="CLIP checkpoint to start from: Hub id (openai/clip-vit-large-patch14-336) or local folder.")
-    model.add_argument("--image_size", type=int, default=None, help="Input side in pixels (518 is common); default: the CLIP checkpoint's size.")
-    model.add_argument("--no_cmi", action="store_true", help="Build the model without Cross-view Mutual Interaction (ablation).")
-    model.add_argument("--no_cvl", action="store_true", help="Supervise the fused map and image score only, without cross-view learning (ablation).")
+    model.add_argument("--clip_model", "--clip-model", default=None, help="CLIP checkpoint to start from: Hub id (openai/clip-vit-large-patch14-336) or local folder.")
+    model.add_argument("--image_size", "--image-size", type=int, default=None, help="Input side in pixels (518 is common); default: the CLIP checkpoint's size.")
+    model.add_argument("--no_cmi", "--no-cmi", action="store_true", help="Build the model without Cross-view Mutual Interaction (ablation).")
+    model.add_argument("--no_cvl", "--no-cvl", action="store_true", help="Supervise the fused map and image score only, without cross-view learning (ablation).")
     freeze = model.add_mutually_exclusive_group()
-    freeze.add_argument("--freeze_clip", dest="freeze_clip", action="store_true", default=None, help="Keep the CLIP weights frozen (the default).")
-    freeze.add_argument("--train_clip", dest="freeze_clip", action="store_false", help="Train the CLIP weights together with the heads.")
+    freeze.add_argument("--freeze_clip", "--freeze-clip", dest="freeze_clip", action="store_true", default=None, help="Keep the CLIP weights frozen (the default).")
+    freeze.add_argument("--train_clip", "--train-clip", dest="freeze_clip", action="store_false", help="Train the CLIP weights together with the heads.")
     model.add_argument("--prompts", default=None, help="JSON file of category prompts to add to the built-in ones.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data", default=None, help="Root of the training data set (for example VisA).")
-    data.add_argument("--eval_data", default=None, help="Root of the zero-shot evaluation data set (for example MVTec AD).")
+    data.add_argument("--train_data", "--train-data", default=None, help="Root of the training data set (for example VisA).")
+    data.add_argument("--eval_data", "--eval-data", default=None, help="Root of the zero-shot evaluation data set (for example MVTec AD).")
     data.add_argument(
         "--data_format",
+        "--data-format",
         default=None,
         choices=["mvtec", "mvtec_ad", "visa", "folder", "hub"],
         help="Layout of both roots (mvtec and mvtec_ad are the same layout); default: detected per root.",
     )
-    data.add_argument("--train_split", default=defaults.train_split, help="Split of the training data to train on (default: %(default)s).")
-    data.add_argument("--eval_split", default=defaults.eval_split, help="Split of the evaluation data (default: %(default)s).")
-    data.add_argument("--train_categories", type=split_names, default=None, help="Comma-separated training categories; default: all.")
-    data.add_argument("--eval_categories", type=split_names, default=None, help="Comma-separated evaluation categories; default: all.")
-    data.add_argument("--dataloader_num_workers", type=int, default=defaults.dataloader_num_workers, help="Data loader worker processes (default: %(default)s).")
+    data.add_argument("--train_split", "--train-split", default=defaults.train_split, help="Split of the training data to train on (default: %(default)s).")
+    data.add_argument("--eval_split", "--eval-split", default=defaults.eval_split, help="Split of the evaluation data (default: %(default)s).")
+    data.add_argument("--train_categories", "--train-categories", type=split_names, default=None, help="Comma-separated training categories; default: all.")
+    data.add_argument("--eval_categories", "--eval-categories", type=split_names, default=None, help="Comma-separated evaluation categories; default: all.")
+    data.add_argument("--dataloader_num_workers", "--dataloader-num-workers", type=int, default=defaults.dataloader_num_workers, help="Data loader worker processes (default: %(default)s).")
 
     optimization = parser.add_argument_group("optimization")
-    optimization.add_argument("--num_epochs", type=int, default=defaults.num_epochs, help="Passes over the training data (default: %(default)s).")
-    optimization.add_argument("--max_steps", type=int, default=None, help="Total optimizer steps; overrides --num_epochs.")
-    optimization.add_argument("--batch_size", type=int, default=defaults.batch_size, help="Training batch size per process (default: %(default)s).")
-    optimization.add_argument("--eval_batch_size", type=int, default=None, help="Evaluation batch size per process; default: --batch_size.")
-    optimization.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="Peak AdamW learning rate (default: %(default)s).")
-    optimization.add_argument("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s).")
-    optimization.add_argument("--lr_scheduler_type", default=defaults.lr_scheduler_type, help="Learning-rate schedule of transformers.get_scheduler (default: %(default)s).")
-    optimization.add_argument("--warmup_steps", type=int, default=defaults.warmup_steps, help="Warm-up optimizer steps (default: %(default)s).")
-    optimization.add_argument("--max_grad_norm", type=float, default=defaults.max_grad_norm, help="Gradient-norm clipping threshold, 0 to disable (default: %(default)s).")
-    optimization.add_argument("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps, help="Batches per optimizer step; the last batch of an epoch always steps (default: %(default)s).")
+    optimization.add_argument("--num_epochs", "--num-epochs", type=int, default=defaults.num_epochs, help="Passes over the training data (default: %(default)s).")
+    optimization.add_argument("--max_steps", "--max-steps", type=int, default=None, help="Total optimizer steps; overrides --num_epochs.")
+    optimization.add_argument("--batch_size", "--batch-size", type=int, default=defaults.batch_size, help="Training batch size per process (default: %(default)s).")
+    optimization.add_argument("--eval_batch_size", "--eval-batch-size", type=int, default=None, help="Evaluation batch size per process; default: --batch_size.")
+    optimization.add_argument("--learning_rate", "--learning-rate", type=float, default=defaults.learning_rate, help="Peak AdamW learning rate (default: %(default)s).")
+    optimization.add_argument("--weight_decay", "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s).")
+    optimization.add_argument("--lr_scheduler_type", "--lr-scheduler-type", default=defaults.lr_scheduler_type, help="Learning-rate schedule of transformers.get_scheduler (default: %(default)s).")
+    optimization.add_argument("--warmup_steps", "--warmup-steps", type=int, default=defaults.warmup_steps, help="Warm-up optimizer steps (default: %(default)s).")
+    optimization.add_argument("--max_grad_norm", "--max-grad-norm", type=float, default=defaults.max_grad_norm, help="Gradient-norm clipping threshold, 0 to disable (default: %(default)s).")
+    optimization.add_argument("--gradient_accumulation_steps", "--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps, help="Batches per optimizer step; the last batch of an epoch always steps (default: %(default)s).")
     optimization.add_argument("--seed", type=int, default=defaults.seed, help="Seed of initialisation, sampling order and random states (default: %(default)s).")
 
     loss = parser.add_argument_group("loss weights (default: the model's configured values)")
-    loss.add_argument("--focal_weight", type=float, default=None, help="Weight of the focal terms.")
-    loss.add_argument("--dice_weight", type=float, default=None, help="Weight of the dice terms.")
-    loss.add_argument("--image_weight", type=float, default=None, help="Weight of the image-score binary cross-entropy.")
-    loss.add_argument("--cross_view_weight", type=float, default=None, help="Weight of the agreement term between the branch maps.")
-    loss.add_argument("--separation_weight", type=float, default=None, help="Weight of the abnormality/normality text separation term.")
-    loss.add_argument("--separation_margin", type=float, default=None, help="Cosine similarity above which the separation term is non-zero.")
-    loss.add_argument("--focal_gamma", type=float, default=None, help="Focusing exponent of the focal loss.")
-    loss.add_argument("--focal_alpha", type=float, default=None, help="Weight of the anomalous class in the focal loss.")
+    loss.add_argument("--focal_weight", "--focal-weight", type=float, default=None, help="Weight of the focal terms.")
+    loss.add_argument("--dice_weight", "--dice-weight", type=float, default=None, help="Weight of the dice terms.")
+    loss.add_argument("--image_weight", "--image-weight", type=float, default=None, help="Weight of the image-score binary cross-entropy.")
+    loss.add_argument("--cross_view_weight", "--cross-view-weight", type=float, default=None, help="Weight of the agreement term between the branch maps.")
+    loss.add_argument("--separation_weight", "--separation-weight", type=float, default=None, help="Weight of the abnormality/normality text separation term.")
+    loss.add_argument("--separation_margin", "--separation-margin", type=float, default=None, help="Cosine similarity above which the separation term is non-zero.")
+    loss.add_argument("--focal_gamma", "--focal-gamma", type=float, default=None, help="Focusing exponent of the focal loss.")
+    loss.add_argument("--focal_alpha", "--focal-alpha", type=float, default=None, help="Weight of the anomalous class in the focal loss.")
 
     output = parser.add_argument_group("checkpoints, evaluation and logging")
-    output.add_argument("--output_dir", default=defaults.output_dir, help="Folder for checkpoints, logs, metrics.json and the model (default: %(default)s).")
-    output.add_argument("--checkpointing_steps", type=int, default=None, help="Save a checkpoint every N optimizer steps; checkpoints are also saved at each epoch end.")
-    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Number of most recent checkpoints to keep; default: all.")
-    output.add_argument("--resume_from_checkpoint", default=None, help="Checkpoint folder to resume from, or 'latest' for the newest complete one in output_dir/checkpoints.")
-    output.add_argument("--eval_every_epoch", action="store_true", help="Evaluate after every epoch as well as at the end.")
-    output.add_argument("--no_calibrate_threshold", dest="calibrate_threshold", action="store_false", help="Keep config.decision_threshold instead of the image-F1-maximising threshold of the evaluation data.")
-    output.add_argument("--no_save_model", dest="save_model", action="store_false", help="Do not save the trained model to output_dir/model.")
-    output.add_argument("--report_to", default=defaults.report_to, choices=["tensorboard", "none"], help="Experiment tracker (default: %(default)s).")
-    output.add_argument("--logging_steps", type=int, default=defaults.logging_steps, help="Log the training loss every N optimizer steps (default: %(default)s).")
+    output.add_argument("--output_dir", "--output-dir", default=defaults.output_dir, help="Folder for checkpoints, logs, metrics.json and the model (default: %(default)s).")
+    output.add_argument("--checkpointing_steps", "--checkpointing-steps", type=int, default=None, help="Save a checkpoint every N optimizer steps; checkpoints are also saved at each epoch end.")
+    output.add_argument("--checkpoints_total_limit", "--checkpoints-total-limit", type=int, default=None, help="Number of most recent checkpoints to keep; default: all.")
+    output.add_argument("--resume_from_checkpoint", "--resume-from-checkpoint", default=None, help="Checkpoint folder to resume from, or 'latest' for the newest complete one in output_dir/checkpoints.")
+    output.add_argument("--eval_every_epoch", "--eval-every-epoch", action="store_true", help="Evaluate after every epoch as well as at the end.")
+    output.add_argument("--no_calibrate_threshold", "--no-calibrate-threshold", dest="calibrate_threshold", action="store_false", help="Keep config.decision_threshold instead of the image-F1-maximising threshold of the evaluation data.")
+    output.add_argument("--no_save_model", "--no-save-model", dest="save_model", action="store_false", help="Do not save the trained model to output_dir/model.")
+    output.add_argument("--report_to", "--report-to", default=defaults.report_to, choices=["tensorboard", "none"], help="Experiment tracker (default: %(default)s).")
+    output.add_argument("--logging_steps", "--logging-steps", type=int, default=defaults.logging_steps, help="Log the training loss every N optimizer steps (default: %(default)s).")
     return parser
 
 
