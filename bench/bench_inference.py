@@ -446,17 +446,18 @@ def prepare_run(args: argparse.Namespace) -> torch.device | None:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_and_print(args: argparse.Namespace, measure: Callable[[torch.device], list[Any]], format_rows: Callable[..., str]) -> int:
+    """Prepare the run, call `measure(device)` for the result rows, and print the command, machine, load and results.
+
+    Returns the exit code: 0, or 2 when the requested device is unavailable.
+    """
     device = prepare_run(args)
     if device is None:
         return 2
     threads = torch.get_num_threads()
     load_before = os.getloadavg()
     start = time.perf_counter()
-    rows = []
-    for name in args.model_names:
-        rows.extend(bench_model(name, args.batch_size_list, args, device))
+    rows = measure(device)
     elapsed = time.perf_counter() - start
     load_after = os.getloadavg()
 
@@ -464,11 +465,25 @@ def main(argv: list[str] | None = None) -> int:
     print("Command: python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     for line in machine_description(device, threads):
         print(line)
-    print(f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
-          f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}; total time {elapsed:.0f} s")
+    print(
+        f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
+        f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}; total time {elapsed:.0f} s"
+    )
     print()
-    print(format_results(rows, args))
+    print(format_rows(rows, args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def measure(device: torch.device) -> list[dict[str, Any]]:
+        rows = []
+        for name in args.model_names:
+            rows.extend(bench_model(name, args.batch_size_list, args, device))
+        return rows
+
+    return run_and_print(args, measure, format_results)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import gc
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,8 @@ from bench_inference import (  # noqa: E402 (the sibling script is found through
     autocast_context,
     bare_clip_features,
     load_model,
-    machine_description,
     peak_call_bytes,
-    prepare_run,
+    run_and_print,
     time_call,
 )
 
@@ -205,27 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = prepare_run(args)
-    if device is None:
-        return 2
-    threads = torch.get_num_threads()
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    rows = [bench_training(name, args, device) for name in args.model_names]
-    elapsed = time.perf_counter() - start
-    load_after = os.getloadavg()
-
-    print()
-    print("Command: python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
-    for line in machine_description(device, threads):
-        print(line)
-    print(
-        f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
-        f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}; total time {elapsed:.0f} s"
-    )
-    print()
-    print(format_results(rows, args))
-    return 0
+    return run_and_print(args, lambda device: [bench_training(name, args, device) for name in args.model_names], format_results)
 
 
 if __name__ == "__main__":
