@@ -273,6 +273,8 @@ def test_eval_writes_metrics_and_model(tiny_clip_dir, tmp_path):
 
     assert set(result["category_metrics"]) == {"bottle", "cable", "mean"}
     assert 0.0 <= result["metrics"]["pixel_auroc"] <= 1.0
+    assert len(result["eval_records"]) == 6
+    assert {record["category"] for record in result["eval_records"]} == {"bottle", "cable"}
     saved = json.loads(Path(result["metrics_file"]).read_text())
     assert saved["num_eval_images"] == 6
     assert saved["decision_threshold"] == result["decision_threshold"]

@@ -303,20 +303,20 @@ def save_panels(config: DemoConfig, model: Any, eval_dataset: Any) -> list[Path]
     return paths
 
 
-def calibrate_target_thresholds(config: DemoConfig, model: Any, data_dir: Path, eval_dataset: Any) -> list[dict[str, Any]]:
+def calibrate_target_thresholds(config: DemoConfig, main: dict[str, Any], data_dir: Path) -> list[dict[str, Any]]:
     """Give each target category its own threshold from its normal calibration images, and count the test labels.
 
-    The thresholds are written into `model/config.json`. Each returned row has the category, both
-    thresholds, and how many normal and defective test images each threshold labels anomalous.
+    `main` is the result of the main run, whose final evaluation gives the test scores. The thresholds
+    are written into `model/config.json`. Each returned row has the category, both thresholds, and how
+    many normal and defective test images each threshold labels anomalous.
     """
     from .calibrate import calibrate_category_threshold, write_category_threshold
     from .data import load_mvtec_ad
-    from .evaluation import evaluate_model
     from .pipeline_anomaly_detection import AnomalyDetectionPipeline
 
-    model.eval()
+    model = main["model"].eval()
     pooled = float(model.config.decision_threshold)
-    _, records = evaluate_model(model, eval_dataset, batch_size=32, show_progress=False)
+    records = main["eval_records"]
     calibration = load_mvtec_ad(data_dir, categories=list(config.target_categories), split="train")
     detector = AnomalyDetectionPipeline(model=model, device="cpu")
     rows = []
@@ -530,7 +530,7 @@ def run_demo(config: DemoConfig) -> Path:
     rows["untrained"] = evaluate_untrained(config, clip_path, eval_dataset)["mean"]
 
     # 4. Per-category thresholds, pictures and the report.
-    thresholds = calibrate_target_thresholds(config, main["model"], data_dir, eval_dataset)
+    thresholds = calibrate_target_thresholds(config, main, data_dir)
     panels = save_panels(config, main["model"], eval_dataset)
     report = write_report(config, clip_description, main, rows, thresholds, panels, time.perf_counter() - started)
     return report

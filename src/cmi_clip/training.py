@@ -530,7 +530,8 @@ def evaluate(model: Any, eval_dataset: Any, config: TrainConfig, accelerator: An
     Returns:
         A dict with `metrics` (the mean over categories of each metric), `category_metrics`
         (`{category: metrics}` plus the `"mean"` row), `threshold` (the image-score threshold with
-        the best F1 over all images) and `num_images`.
+        the best F1 over all images), `records` (one dict per image with its `category`, `label` and
+        `score`, from `evaluate_model`) and `num_images`.
     """
     from .evaluation import calibrate_threshold, evaluate_model
 
@@ -551,6 +552,7 @@ def evaluate(model: Any, eval_dataset: Any, config: TrainConfig, accelerator: An
         "metrics": mean,
         "category_metrics": {**per_category, "mean": mean},
         "threshold": calibrate_threshold(records) if records else None,
+        "records": records,
         "num_images": len(records),
     }
 
@@ -760,6 +762,7 @@ class _TrainingRun:
         results: dict[str, Any] = {
             "metrics": {},
             "category_metrics": {},
+            "eval_records": [],
             "decision_threshold": None,
             "global_step": self.state["global_step"],
             "epochs_completed": len({record["epoch"] for record in self.state["loss_history"]}),
@@ -773,6 +776,7 @@ class _TrainingRun:
         if self.eval_dataset is not None:
             final = evaluate(self.model, self.eval_dataset, self.config, accelerator)
             results["metrics"], results["category_metrics"] = final["metrics"], final["category_metrics"]
+            results["eval_records"] = final["records"]
             accelerator.log({f"eval/{name}": value for name, value in final["metrics"].items()}, step=self.state["global_step"])
             if self.config.calibrate_threshold and final["threshold"] is not None:
                 self.unwrapped.config.decision_threshold = final["threshold"]
@@ -819,7 +823,8 @@ def train(
 
     Returns:
         A dict with `metrics` (the mean over categories of the final evaluation, empty without
-        evaluation data), `category_metrics`, `decision_threshold`, `global_step`,
+        evaluation data), `category_metrics`, `eval_records` (the final evaluation's per-image
+        `category`, `label` and `score`), `decision_threshold`, `global_step`,
         `epochs_completed`, `loss_history` (one dict per optimizer step with `step`, `epoch`, `loss`,
         `learning_rate` and each loss term), `eval_history` (per-epoch evaluations with
         `eval_every_epoch`), `output_dir`, `model_dir`, `metrics_file` and `last_checkpoint` (paths
