@@ -87,7 +87,7 @@ def test_short_demo_writes_report_and_model(tmp_path, single_thread, jobs):
     assert set(summary["ablations"]) == {"full (4 steps)", "full (2 steps)", "no CMI (2 steps)", "no CVL (2 steps)", "untrained"}
     assert 0.0 <= summary["main"]["category_metrics"]["gravel"]["pixel_auroc"] <= 1.0
 
-    # The target category gets its own threshold from 3 normal calibration images, above all their scores.
+    # The target category gets its own threshold from 3 normal calibration images, stored in the saved model.
     assert "## Decision thresholds" in text
     [threshold_row] = summary["thresholds"]
     assert threshold_row["category"] == "gravel"

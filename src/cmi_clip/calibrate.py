@@ -51,7 +51,7 @@ def calibrate_category_threshold(
     from .prompt_bank import normalize_category
 
     if not images:
-        msg = f"No normal images of {category!r} were given; pass at least one to set its threshold."
+        msg = f"No normal images of {category!r} were given. Pass at least one to set its threshold."
         raise ValueError(msg)
     scores = score_images(detector, images, category, batch_size)
     threshold = normal_score_threshold(scores, false_positive_rate)
@@ -143,7 +143,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="Images or folders of normal (defect-free) images of the product.")
-    parser.add_argument("--model", required=True, help="Local folder of a saved CMI-CLIP model; its config.json is updated.")
+    parser.add_argument("--model", required=True, help="Local folder of a saved CMI-CLIP model, whose config.json is updated.")
     parser.add_argument("--category", required=True, help="Product category of the images, such as 'bottle' (selects the prompts).")
     parser.add_argument(
         "--false-positive-rate",

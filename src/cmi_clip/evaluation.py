@@ -70,7 +70,7 @@ def normal_score_threshold(scores: Sequence[float] | np.ndarray, false_positive_
     """
     scores = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     if scores.size == 0:
-        msg = "No normal image scores were given; pass at least one score to set a threshold."
+        msg = "No normal image scores were given. Pass at least one score to set a threshold."
         raise ValueError(msg)
     if not 0.0 <= false_positive_rate < 1.0:
         msg = f"false_positive_rate={false_positive_rate} is invalid; it must be in [0, 1)."

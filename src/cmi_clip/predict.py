@@ -55,7 +55,7 @@ def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def load_readable(batch: Sequence[tuple[Path, Path]], skipped: list[tuple[str, str]]) -> list[tuple[Path, Path, Image.Image]]:
-    """Open the `(path, relative)` pairs of `batch` as RGB images; unreadable files are logged and appended to `skipped`."""
+    """Open the `(path, relative)` pairs of `batch` as RGB images. Unreadable files are logged and appended to `skipped`."""
     from .pipeline_anomaly_detection import load_image
     from .processing_cmi_clip import to_rgb
 
