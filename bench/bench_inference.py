@@ -403,32 +403,42 @@ def format_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="b16,l14-336,l14-518", help=f"Comma-separated models from {sorted(MODEL_SPECS)}.")
-    parser.add_argument("--batch-sizes", default="1,8", help="Comma-separated batch sizes (default: %(default)s).")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed rounds per batch size; the median is reported (default: %(default)s).")
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that every model benchmark takes: warm-up rounds, threads, device, dtype and cache folder."""
     parser.add_argument(
         "--warmup", type=int, default=1, help="Untimed rounds before the timed ones; the last one measures memory (default: %(default)s)."
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the number of CPU cores).")
     parser.add_argument("--device", default="cpu", help="torch device, such as cpu or cuda (default: %(default)s).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or bf16/fp16 autocast (default: %(default)s).")
-    parser.add_argument("--original-size", type=int, default=900, help="Side in pixels of the PNG fed to the pipeline (default: %(default)s).")
     parser.add_argument(
         "--cache-dir",
         type=Path,
         default=Path(os.environ.get("CMI_CLIP_BENCH_CACHE", "/tmp/cmi_clip_bench")),
         help="Folder for the random-weight CLIP checkpoints (default: %(default)s).",
     )
-    parser.add_argument("--quick", action="store_true", help="ViT-B/16 only, batch 1, 2 repeats: a smoke run of a minute or so.")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.models, args.batch_sizes, args.repeats = "b16", "1", 2
+
+
+def set_model_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Split `args.models` into `args.model_names`, exiting with a usage error on an unknown model."""
     args.model_names = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in args.model_names if name not in MODEL_SPECS]
     if unknown:
         parser.error(f"Unknown models {unknown}; choose from {sorted(MODEL_SPECS)}.")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="b16,l14-336,l14-518", help=f"Comma-separated models from {sorted(MODEL_SPECS)}.")
+    parser.add_argument("--batch-sizes", default="1,8", help="Comma-separated batch sizes (default: %(default)s).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed rounds per batch size; the median is reported (default: %(default)s).")
+    add_shared_options(parser)
+    parser.add_argument("--original-size", type=int, default=900, help="Side in pixels of the PNG fed to the pipeline (default: %(default)s).")
+    parser.add_argument("--quick", action="store_true", help="ViT-B/16 only, batch 1, 2 repeats: a smoke run of a minute or so.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes, args.repeats = "b16", "1", 2
+    set_model_names(parser, args)
     args.batch_size_list = [int(value) for value in args.batch_sizes.split(",")]
     if args.repeats < 1 or args.warmup < 1 or any(size < 1 for size in args.batch_size_list):
         parser.error("--repeats, --warmup and every batch size must be at least 1.")

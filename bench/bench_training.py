@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -44,11 +43,13 @@ from bench_inference import (  # noqa: E402 (the sibling script is found through
     DTYPES,
     MODEL_SPECS,
     CallCounter,
+    add_shared_options,
     autocast_context,
     bare_clip_features,
     load_model,
     peak_call_bytes,
     run_and_print,
+    set_model_names,
     time_call,
 )
 
@@ -176,26 +177,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="b16", help=f"Comma-separated models from {sorted(MODEL_SPECS)} (default: %(default)s).")
     parser.add_argument("--batch-size", type=int, default=8, help="Images per training step (default: %(default)s).")
     parser.add_argument("--repeats", type=int, default=5, help="Timed rounds; the median is reported (default: %(default)s).")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="Untimed rounds before the timed ones; the last one measures memory (default: %(default)s)."
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the number of CPU cores).")
-    parser.add_argument("--device", default="cpu", help="torch device, such as cpu or cuda (default: %(default)s).")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp32, or bf16/fp16 autocast (default: %(default)s).")
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(os.environ.get("CMI_CLIP_BENCH_CACHE", "/tmp/cmi_clip_bench")),
-        help="Folder for the random-weight CLIP checkpoints (default: %(default)s).",
-    )
+    add_shared_options(parser)
     parser.add_argument("--quick", action="store_true", help="ViT-B/16, batch 2, 2 repeats: a smoke run.")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_size, args.repeats = "b16", 2, 2
-    args.model_names = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = [name for name in args.model_names if name not in MODEL_SPECS]
-    if unknown:
-        parser.error(f"Unknown models {unknown}; choose from {sorted(MODEL_SPECS)}.")
+    set_model_names(parser, args)
     if args.repeats < 1 or args.warmup < 1 or args.batch_size < 1:
         parser.error("--repeats, --warmup and --batch-size must be at least 1.")
     return args
