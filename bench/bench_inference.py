@@ -172,6 +172,22 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def warm_up(functions: dict[str, Callable[[], Any]], rounds: int, device: torch.device, label: str) -> dict[str, int]:
+    """Run every function `rounds` times untimed, in order, and return the peak bytes of each call in the last round.
+
+    Only the last warm-up round measures memory, so the profiler never runs in a timed call.
+    """
+    peaks: dict[str, int] = {}
+    for round_index in range(rounds):
+        for name, function in functions.items():
+            if round_index == rounds - 1:
+                peaks[name] = peak_call_bytes(function, device)
+            else:
+                function()
+        print(f"  {label}: warm-up round {round_index + 1}/{rounds} done", flush=True)
+    return peaks
+
+
 def time_call(function: Callable[[], Any], device: torch.device) -> float:
     """Return the wall-clock seconds of one call, with the device synchronised on both sides."""
     synchronize(device)
@@ -280,15 +296,7 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
         functions = {"bare": run_bare, "model": run_model, "pipeline": run_pipeline}
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         repeats = args.repeats
-        # The last warm-up round also measures the peak memory, so the profiler never runs in a timed call.
-        peaks: dict[str, int] = {}
-        for round_index in range(args.warmup):
-            for mode in MODES:
-                if round_index == args.warmup - 1:
-                    peaks[mode] = peak_call_bytes(functions[mode], device)
-                else:
-                    functions[mode]()
-            print(f"  {name} batch {batch_size}: warm-up round {round_index + 1}/{args.warmup} done", flush=True)
+        peaks = warm_up({mode: functions[mode] for mode in MODES}, args.warmup, device, f"{name} batch {batch_size}")
         counter = CallCounter(model.clip.text_model)
         for round_index in range(repeats):
             for mode in MODES:

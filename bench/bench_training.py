@@ -47,10 +47,10 @@ from bench_inference import (  # noqa: E402 (the sibling script is found through
     autocast_context,
     bare_clip_features,
     load_model,
-    peak_call_bytes,
     run_and_print,
     set_model_names,
     time_call,
+    warm_up,
 )
 
 STEPS = ("baseline", "cmi_clip")
@@ -113,14 +113,7 @@ def bench_training(name: str, args: argparse.Namespace, device: torch.device) ->
         optimizer.zero_grad(set_to_none=True)
 
     steps = {"baseline": baseline_step, "cmi_clip": cmi_clip_step}
-    peaks: dict[str, int] = {}
-    for round_index in range(args.warmup):
-        for step in STEPS:
-            if round_index == args.warmup - 1:
-                peaks[step] = peak_call_bytes(steps[step], device)
-            else:
-                steps[step]()
-        print(f"  {name}: warm-up round {round_index + 1}/{args.warmup} done", flush=True)
+    peaks = warm_up({step: steps[step] for step in STEPS}, args.warmup, device, name)
 
     times: dict[str, list[float]] = {step: [] for step in STEPS}
     counter = CallCounter(model.clip.text_model)
