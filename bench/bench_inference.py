@@ -188,6 +188,17 @@ def warm_up(functions: dict[str, Callable[[], Any]], rounds: int, device: torch.
     return peaks
 
 
+def time_rounds(functions: dict[str, Callable[[], Any]], repeats: int, device: torch.device, label: str) -> dict[str, list[float]]:
+    """Time every function once per round, in order, for `repeats` rounds, and print each round's times."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_index in range(repeats):
+        for name, function in functions.items():
+            times[name].append(time_call(function, device))
+        summary = ", ".join(f"{name} {values[-1]:.3f} s" for name, values in times.items())
+        print(f"  {label}: repeat {round_index + 1}/{repeats}: {summary}", flush=True)
+    return times
+
+
 def time_call(function: Callable[[], Any], device: torch.device) -> float:
     """Return the wall-clock seconds of one call, with the device synchronised on both sides."""
     synchronize(device)
@@ -293,16 +304,12 @@ def bench_model(name: str, batch_sizes: list[int], args: argparse.Namespace, dev
                 raise RuntimeError(msg)
             return results
 
-        functions = {"bare": run_bare, "model": run_model, "pipeline": run_pipeline}
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        functions = dict(zip(MODES, (run_bare, run_model, run_pipeline)))
         repeats = args.repeats
-        peaks = warm_up({mode: functions[mode] for mode in MODES}, args.warmup, device, f"{name} batch {batch_size}")
+        label = f"{name} batch {batch_size}"
+        peaks = warm_up(functions, args.warmup, device, label)
         counter = CallCounter(model.clip.text_model)
-        for round_index in range(repeats):
-            for mode in MODES:
-                times[mode].append(time_call(functions[mode], device))
-            summary = ", ".join(f"{mode} {times[mode][-1]:.3f} s" for mode in MODES)
-            print(f"  {name} batch {batch_size}: repeat {round_index + 1}/{repeats}: {summary}", flush=True)
+        times = time_rounds(functions, repeats, device, label)
         text_forwards = counter.count
         counter.remove()
 

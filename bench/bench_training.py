@@ -49,7 +49,7 @@ from bench_inference import (  # noqa: E402 (the sibling script is found through
     load_model,
     run_and_print,
     set_model_names,
-    time_call,
+    time_rounds,
     warm_up,
 )
 
@@ -115,13 +115,8 @@ def bench_training(name: str, args: argparse.Namespace, device: torch.device) ->
     steps = {"baseline": baseline_step, "cmi_clip": cmi_clip_step}
     peaks = warm_up({step: steps[step] for step in STEPS}, args.warmup, device, name)
 
-    times: dict[str, list[float]] = {step: [] for step in STEPS}
     counter = CallCounter(model.clip.text_model)
-    for round_index in range(args.repeats):
-        for step in STEPS:
-            times[step].append(time_call(steps[step], device))
-        summary = ", ".join(f"{step} {times[step][-1]:.3f} s" for step in STEPS)
-        print(f"  {name}: repeat {round_index + 1}/{args.repeats}: {summary}", flush=True)
+    times = time_rounds({step: steps[step] for step in STEPS}, args.repeats, device, name)
     text_forwards = counter.count
     counter.remove()
 
